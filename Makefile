@@ -1,0 +1,51 @@
+# make run   – the ticker at http://127.0.0.1:$(PORT)/ with the embedded broker (no RabbitMQ needed)
+# make test  – installs what the tests need (Python and Node packages, RabbitMQ, Chromium) and runs them all
+PORT ?= 8181
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install run run-rabbitmq test test-unit lint up bench bench-smoke services clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+node_modules/.installed: package.json
+	npm install --no-audit --no-fund --silent
+	touch node_modules/.installed
+
+run: $(STAMP)
+	@echo "Open http://127.0.0.1:$(PORT)/  (embedded broker + stock daemon; Ctrl-C stops)"
+	PORT=$(PORT) $(PY) -m gateway --broker memory --with-stock-daemon
+
+run-rabbitmq: $(STAMP)
+	@echo "Open http://127.0.0.1:$(PORT)/  (RabbitMQ at $${AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/})"
+	PORT=$(PORT) $(PY) -m gateway --broker rabbitmq --with-stock-daemon
+
+services:
+	bash scripts/ensure-services.sh
+
+test: $(STAMP) node_modules/.installed services
+	$(PY) -m pytest -q -W error::DeprecationWarning -p no:cacheprovider
+
+test-unit: $(STAMP)
+	$(PY) -m pytest -q tests/unit
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check gateway stock_daemon tests bench
+	$(VENV)/bin/mypy gateway stock_daemon
+
+up:
+	docker compose up --build
+
+bench: $(STAMP) services
+	$(PY) -m bench $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) node_modules .pytest_cache test-artifacts

@@ -1,0 +1,66 @@
+"""``python -m gateway`` / ``stomp-gateway``: run the gateway until SIGINT or SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+
+from gateway.broker.base import BrokerError
+from gateway.config import Config, parse_args
+from gateway.server import Gateway
+
+__all__ = ["main", "run"]
+
+
+async def run(config: Config) -> int:
+    gateway = Gateway(config)
+    try:
+        await gateway.start()
+    except BrokerError as error:
+        print(f"stomp-gateway: {error.text}", file=sys.stderr)
+        return 1
+    except OSError as error:
+        print(f"stomp-gateway: cannot listen on {config.host}:{config.port}: {error.strerror}", file=sys.stderr)
+        await gateway.broker.close()
+        return 1
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    scheme = "https" if config.certfile else "http"
+    ws_scheme = "wss" if config.certfile else "ws"
+    host = config.host if config.host not in ("0.0.0.0", "::") else "127.0.0.1"
+    logging.getLogger("gateway").info(
+        "serving %s://%s:%s/ (STOMP at %s://%s:%s/ws%s) with the %s broker",
+        scheme, host, gateway.port, ws_scheme, host, gateway.port,
+        f", TCP STOMP on port {gateway.tcp_port}" if gateway.tcp_port else "",
+        gateway.broker.kind,
+    )
+    await stop.wait()
+    logging.getLogger("gateway").info("shutting down")
+    await gateway.stop()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    config = parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, config.log_level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger("aiormq").setLevel(max(logging.WARNING, logging.getLogger().level))
+    logging.getLogger("aio_pika").setLevel(max(logging.WARNING, logging.getLogger().level))
+    try:
+        import uvloop
+
+        runner = uvloop.run
+    except ImportError:  # pragma: no cover - uvloop is optional off Linux
+        runner = asyncio.run
+    sys.exit(runner(run(config)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,501 @@
+"""RabbitMQ over AMQP 0-9-1: aio-pika opens the connections, aiormq (aio-pika's transport) carries the hot path.
+
+Sessions of the same user, passcode and vhost share AMQP connections (at most
+``sessions_per_connection`` channels each); every session gets its own channel, so one session's broker
+error closes that channel only. A *monitor* connection made with the configured URL tells ``/healthz``
+whether RabbitMQ is reachable and reconnects with back-off while it is not.
+
+Credentials are never trusted from a pool alone: the pool key includes a salted hash of the passcode, so a
+wrong passcode always opens a fresh connection, which RabbitMQ then checks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import datetime
+import hashlib
+import logging
+import re
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote, unquote, urlsplit
+
+import aio_pika
+import aiormq
+import aiormq.abc
+from aiormq.abc import ChannelFrame
+from pamqp import commands as spec
+from pamqp.common import FieldTable
+from pamqp.header import ContentHeader
+
+from gateway.broker.base import (
+    AccessRefused,
+    Broker,
+    BrokerError,
+    BrokerUnavailable,
+    Channel,
+    ChannelClosed,
+    DeliverCallback,
+    Delivery,
+    MessageProperties,
+    PublishNacked,
+    VhostNotFound,
+)
+
+__all__ = ["AmqpBroker", "AmqpChannel", "Principal", "credentials_from_url"]
+
+logger = logging.getLogger(__name__)
+
+_REPLY = re.compile(r"^([A-Z_]+) - (.*)$", re.DOTALL)
+
+
+def credentials_from_url(url: str) -> tuple[str, str, str]:
+    """(login, passcode, vhost) from an AMQP URL; missing parts default to guest/guest and '/'."""
+    parts = urlsplit(url)
+    login = unquote(parts.username) if parts.username else "guest"
+    passcode = unquote(parts.password) if parts.password else "guest"
+    path = parts.path[1:] if parts.path.startswith("/") else parts.path
+    vhost = unquote(path) if path else "/"
+    return login, passcode, vhost
+
+
+def _url_for(base: str, login: str, passcode: str, vhost: str) -> str:
+    parts = urlsplit(base)
+    host = parts.hostname or "127.0.0.1"
+    if ":" in host:
+        host = f"[{host}]"
+    port = f":{parts.port}" if parts.port else ""
+    query = f"?{parts.query}" if parts.query else ""
+    return f"{parts.scheme}://{quote(login, safe='')}:{quote(passcode, safe='')}@{host}{port}/{quote(vhost, safe='')}{query}"
+
+
+def _broker_error(exc: BaseException) -> BrokerError:
+    """Map an aiormq exception to a BrokerError with RabbitMQ's reply name and text."""
+    if isinstance(exc, BrokerError):
+        return exc
+    if isinstance(exc, aiormq.exceptions.DeliveryError):
+        return PublishNacked()
+    text = str(exc.args[0]) if exc.args and exc.args[0] is not None else ""
+    if isinstance(exc, aiormq.exceptions.AMQPConnectionError | ConnectionError | OSError):
+        return BrokerUnavailable(f"connection to RabbitMQ lost: {text or type(exc).__name__}")
+    match = _REPLY.match(text)
+    if match is None:
+        return ChannelClosed(text or type(exc).__name__)
+    name, detail = match.group(1), match.group(2)
+    codes = {"NOT_FOUND": 404, "ACCESS_REFUSED": 403, "PRECONDITION_FAILED": 406, "RESOURCE_LOCKED": 405}
+    return BrokerError(codes.get(name, 541), name.lower(), detail)
+
+
+def _to_properties(props: MessageProperties) -> spec.Basic.Properties:
+    return spec.Basic.Properties(
+        content_type=props.content_type,
+        content_encoding=props.content_encoding,
+        headers=props.headers or None,
+        delivery_mode=props.delivery_mode,
+        priority=props.priority,
+        correlation_id=props.correlation_id,
+        reply_to=props.reply_to,
+        expiration=props.expiration,
+        message_id=props.message_id,
+        timestamp=(
+            datetime.datetime.fromtimestamp(props.timestamp, tz=datetime.UTC) if props.timestamp is not None else None
+        ),
+        message_type=props.type,
+        user_id=props.user_id,
+        app_id=props.app_id,
+    )
+
+
+def _from_properties(props: spec.Basic.Properties) -> MessageProperties:
+    timestamp = props.timestamp
+    return MessageProperties(
+        content_type=props.content_type,
+        content_encoding=props.content_encoding,
+        headers=dict(props.headers) if props.headers else {},
+        delivery_mode=props.delivery_mode,
+        priority=props.priority,
+        correlation_id=props.correlation_id,
+        reply_to=props.reply_to,
+        expiration=props.expiration,
+        message_id=props.message_id,
+        timestamp=int(timestamp.timestamp()) if timestamp is not None else None,
+        type=props.message_type,
+        user_id=props.user_id,
+        app_id=props.app_id,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """An authenticated (user, vhost). ``key`` selects the shared connections."""
+
+    login: str
+    vhost: str
+    key: tuple[str, str, str]
+    url: str
+
+
+class AmqpChannel(Channel):
+    """A session's channel: aiormq underneath, publisher confirms on."""
+
+    def __init__(self, channel: aiormq.abc.AbstractChannel, on_release: Any) -> None:
+        self._channel = channel
+        self._closed_by_us = False
+        self._on_release = on_release
+        self._declared_prefetch: int | None = None
+        self._backlog: collections.deque[Any] = collections.deque()
+        self._flusher: asyncio.Future[None] | None = None
+        channel.closing.add_done_callback(self._closing_done)
+
+    def _closing_done(self, future: asyncio.Future[Any]) -> None:
+        self._on_release()
+        if self._closed_by_us or self.on_close is None:
+            return
+        exc = None if future.cancelled() else future.exception()
+        error = _broker_error(exc) if exc is not None else ChannelClosed("channel closed by the broker")
+        self.on_close(error)
+
+    @property
+    def is_open(self) -> bool:
+        return not self._channel.is_closed
+
+    async def _call(self, coro: Any) -> Any:
+        try:
+            return await coro
+        except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
+            raise _broker_error(exc) from exc
+
+    async def declare_queue(
+        self,
+        name: str,
+        *,
+        durable: bool = False,
+        exclusive: bool = False,
+        auto_delete: bool = False,
+        arguments: Mapping[str, Any] | None = None,
+        passive: bool = False,
+    ) -> str:
+        ok = await self._call(
+            self._channel.queue_declare(
+                name,
+                durable=durable,
+                exclusive=exclusive,
+                auto_delete=auto_delete,
+                arguments=FieldTable(arguments or {}),
+                passive=passive,
+            )
+        )
+        return str(ok.queue)
+
+    async def check_exchange(self, name: str) -> None:
+        if name == "":
+            return
+        await self._call(self._channel.exchange_declare(name, passive=True))
+
+    async def declare_exchange(self, name: str, type: str = "topic", *, durable: bool = True) -> None:
+        await self._call(self._channel.exchange_declare(name, exchange_type=type, durable=durable))
+
+    async def bind_queue(self, queue: str, exchange: str, routing_key: str) -> None:
+        await self._call(self._channel.queue_bind(queue, exchange, routing_key=routing_key))
+
+    async def unbind_queue(self, queue: str, exchange: str, routing_key: str) -> None:
+        await self._call(self._channel.queue_unbind(queue, exchange, routing_key=routing_key))
+
+    async def delete_queue(self, name: str) -> None:
+        await self._call(self._channel.queue_delete(name))
+
+    async def consume(
+        self,
+        queue: str,
+        callback: DeliverCallback,
+        *,
+        no_ack: bool,
+        prefetch_count: int | None = None,
+        consumer_tag: str = "",
+        exclusive: bool = False,
+        arguments: Mapping[str, Any] | None = None,
+    ) -> str:
+        if prefetch_count is not None and prefetch_count != self._declared_prefetch:
+            # RabbitMQ's per-consumer qos: applies to consumers started after it on this channel.
+            await self._call(self._channel.basic_qos(prefetch_count=prefetch_count))
+            self._declared_prefetch = prefetch_count
+
+        def on_message(message: aiormq.abc.DeliveredMessage) -> None:
+            delivery = message.delivery
+            callback(
+                Delivery(
+                    consumer_tag=delivery.consumer_tag,
+                    delivery_tag=delivery.delivery_tag,
+                    exchange=delivery.exchange,
+                    routing_key=delivery.routing_key,
+                    redelivered=bool(delivery.redelivered),
+                    body=message.body,
+                    properties=_from_properties(message.header.properties),
+                )
+            )
+
+        ok = await self._call(
+            self._channel.basic_consume(
+                queue,
+                on_message,
+                no_ack=no_ack,
+                exclusive=exclusive,
+                arguments=FieldTable(arguments or {}),
+                consumer_tag=consumer_tag or None,
+            )
+        )
+        return str(ok.consumer_tag)
+
+    async def cancel(self, consumer_tag: str) -> None:
+        await self._call(self._channel.basic_cancel(consumer_tag))
+
+    def start_publish(
+        self, exchange: str, routing_key: str, body: bytes, properties: MessageProperties
+    ) -> asyncio.Future[None]:
+        """Hand the message to the connection's writer now (call order is publish order); the future
+        resolves on the broker's confirm.
+
+        This is aiormq's ``basic_publish`` without its two costs for a gateway: an await per message and
+        a random ``message_id`` stamped on every message (a STOMP SEND without ``amqp-message-id`` must
+        reach AMQP consumers without one, as with RabbitMQ's own STOMP plugin).
+        """
+        loop = asyncio.get_running_loop()
+        result: asyncio.Future[None] = loop.create_future()
+        ch = self._channel
+        if ch.is_closed:
+            result.set_exception(ChannelClosed())
+            return result
+        ch.delivery_tag += 1  # type: ignore[attr-defined]
+        confirmation: asyncio.Future[Any] = ch.create_future()  # type: ignore[attr-defined]
+        ch.confirmations[ch.delivery_tag] = confirmation  # type: ignore[attr-defined]
+        frames: list[Any] = [
+            spec.Basic.Publish(exchange=exchange, routing_key=routing_key, mandatory=False),
+            ContentHeader(properties=_to_properties(properties), body_size=len(body)),
+            *ch._split_body(body),  # type: ignore[attr-defined]
+        ]
+        self._enqueue(ChannelFrame.marshall(frames=frames, channel_number=ch.number, drain_future=None))
+
+        def done(confirmed: asyncio.Future[Any]) -> None:
+            if result.done():
+                return
+            if confirmed.cancelled():
+                result.set_exception(ChannelClosed())
+            elif (exc := confirmed.exception()) is not None:
+                result.set_exception(_broker_error(exc))
+            elif isinstance(confirmed.result(), spec.Basic.Nack):
+                result.set_exception(PublishNacked())
+            else:
+                result.set_result(None)
+
+        confirmation.add_done_callback(done)
+        return result
+
+    def _enqueue(self, frame: Any) -> None:
+        """Put a frame on the connection's bounded write queue, keeping order when it is full."""
+        queue: asyncio.Queue[Any] = self._channel.write_queue  # type: ignore[attr-defined]
+        if not self._backlog:
+            try:
+                queue.put_nowait(frame)
+                return
+            except asyncio.QueueFull:
+                pass
+        self._backlog.append(frame)
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.ensure_future(self._flush(queue))
+
+    async def _flush(self, queue: asyncio.Queue[Any]) -> None:
+        while self._backlog:
+            await queue.put(self._backlog[0])
+            self._backlog.popleft()
+
+    async def publish(
+        self,
+        exchange: str,
+        routing_key: str,
+        body: bytes,
+        properties: MessageProperties,
+        *,
+        confirm: bool = False,
+    ) -> None:
+        future = self.start_publish(exchange, routing_key, body, properties)
+        if confirm:
+            await future
+        else:
+            future.add_done_callback(_ignore_result)
+
+    def ack(self, delivery_tag: int, *, multiple: bool = False) -> None:
+        if not self._channel.is_closed:
+            asyncio.ensure_future(self._channel.basic_ack(delivery_tag, multiple=multiple)).add_done_callback(
+                _ignore_result
+            )
+
+    def nack(self, delivery_tag: int, *, multiple: bool = False, requeue: bool = True) -> None:
+        if not self._channel.is_closed:
+            asyncio.ensure_future(
+                self._channel.basic_nack(delivery_tag, multiple=multiple, requeue=requeue)
+            ).add_done_callback(_ignore_result)
+
+    async def close(self) -> None:
+        self._closed_by_us = True
+        if not self._channel.is_closed:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._channel.close(), 5)
+
+
+def _ignore_result(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
+class _Pooled:
+    """One shared AMQP connection and the number of channels open on it."""
+
+    def __init__(self, connection: aio_pika.abc.AbstractConnection) -> None:
+        self.connection = connection
+        self.channels = 0
+
+    @property
+    def underlay(self) -> aiormq.abc.AbstractConnection:
+        return self.connection.transport.connection  # type: ignore[attr-defined, no-any-return]
+
+    @property
+    def is_open(self) -> bool:
+        return not self.connection.is_closed and not self.underlay.is_closed
+
+
+class AmqpBroker(Broker):
+    """RabbitMQ, reached at ``url``. ``url``'s credentials are the monitor's, not the sessions'."""
+
+    kind = "rabbitmq"
+
+    def __init__(self, url: str, *, sessions_per_connection: int = 500, heartbeat: int = 15) -> None:
+        self.url = url
+        self.sessions_per_connection = sessions_per_connection
+        self.heartbeat = heartbeat
+        self._salt = secrets.token_bytes(16)
+        self._pools: dict[tuple[str, str, str], list[_Pooled]] = {}
+        self._locks: dict[tuple[str, str, str], asyncio.Lock] = {}
+        self._monitor: aio_pika.abc.AbstractConnection | None = None
+        self._monitor_task: asyncio.Task[None] | None = None
+        self._closing = False
+
+    def _with_params(self, url: str) -> str:
+        sep = "&" if "?" in url else "?"
+        return f"{url}{sep}heartbeat={self.heartbeat}&name=stomp-ws-gateway"
+
+    @property
+    def is_available(self) -> bool:
+        return self._monitor is not None and not self._monitor.is_closed
+
+    async def _connect(self, url: str) -> aio_pika.abc.AbstractConnection:
+        try:
+            return await aio_pika.connect(self._with_params(url), timeout=10)
+        except aiormq.exceptions.ProbableAuthenticationError as exc:
+            login = credentials_from_url(url)[0]
+            raise AccessRefused(login) from exc
+        except aiormq.exceptions.ConnectionNotAllowed as exc:
+            raise VhostNotFound(credentials_from_url(url)[2]) from exc
+        except aiormq.exceptions.InvalidFrameError as exc:
+            # RabbitMQ answers connection.open on a vhost the user may not use with connection.close
+            # (530 NOT_ALLOWED); aiormq reports that as an unexpected frame.
+            if "Connection.OpenOk" in str(exc):
+                raise VhostNotFound(credentials_from_url(url)[2]) from exc
+            raise BrokerUnavailable(f"RabbitMQ at {_redact(url)} refused the connection: {exc}") from exc
+        except (aiormq.exceptions.AMQPError, OSError, asyncio.TimeoutError) as exc:
+            raise BrokerUnavailable(f"cannot reach RabbitMQ at {_redact(url)}: {exc or type(exc).__name__}") from exc
+
+    async def start(self) -> None:
+        self._monitor = await self._connect(self.url)
+        self._monitor_task = asyncio.create_task(self._watch(), name="amqp-monitor")
+
+    async def _watch(self) -> None:
+        """Keep the monitor connection up, reconnecting with back-off (0.5 s doubling to 30 s)."""
+        delay = 0.5
+        while not self._closing:
+            monitor = self._monitor
+            if monitor is not None and not monitor.is_closed:
+                delay = 0.5
+                await asyncio.sleep(0.5)
+                continue
+            logger.warning("RabbitMQ connection lost; reconnecting in %.1f s", delay)
+            await asyncio.sleep(delay)
+            try:
+                self._monitor = await self._connect(self.url)
+                logger.info("RabbitMQ connection restored")
+            except BrokerError as exc:
+                logger.warning("%s", exc.text)
+                delay = min(delay * 2, 30.0)
+
+    def _key(self, login: str, passcode: str, vhost: str) -> tuple[str, str, str]:
+        digest = hashlib.sha256(self._salt + passcode.encode()).hexdigest()
+        return (login, digest, vhost)
+
+    async def authenticate(self, login: str, passcode: str, vhost: str) -> Principal:
+        key = self._key(login, passcode, vhost)
+        principal = Principal(login, vhost, key, _url_for(self.url, login, passcode, vhost))
+        pool = self._pools.get(key)
+        if pool and any(p.is_open for p in pool):
+            return principal
+        await self._connection_for(principal)
+        return principal
+
+    async def _connection_for(self, principal: Principal) -> _Pooled:
+        lock = self._locks.setdefault(principal.key, asyncio.Lock())
+        async with lock:
+            pool = [p for p in self._pools.get(principal.key, []) if p.is_open]
+            self._pools[principal.key] = pool
+            for pooled in pool:
+                if pooled.channels < self.sessions_per_connection:
+                    return pooled
+            connection = await self._connect(principal.url)
+            pooled = _Pooled(connection)
+            pool.append(pooled)
+            return pooled
+
+    async def open_channel(self, principal: Any) -> Channel:
+        assert isinstance(principal, Principal)
+        pooled = await self._connection_for(principal)
+        pooled.channels += 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                pooled.channels -= 1
+
+        try:
+            channel = await pooled.underlay.channel(publisher_confirms=True)
+        except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
+            release()
+            raise _broker_error(exc) from exc
+        return AmqpChannel(channel, release)
+
+    def shared_key(self, principal: Any) -> Any:
+        assert isinstance(principal, Principal)
+        return principal.key
+
+    async def close(self) -> None:
+        self._closing = True
+        if self._monitor_task is not None:
+            self._monitor_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._monitor_task
+        connections = [p.connection for pool in self._pools.values() for p in pool]
+        if self._monitor is not None:
+            connections.append(self._monitor)
+        self._pools.clear()
+        for connection in connections:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(connection.close(), 5)
+
+
+def _redact(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password:
+        return url.replace(f":{parts.password}@", ":******@", 1)
+    return url

@@ -1,0 +1,259 @@
+"""The broker interface that sessions, destinations and fan-out see.
+
+Two implementations stand behind it: :mod:`gateway.broker.amqp` (RabbitMQ over aio-pika) and
+:mod:`gateway.broker.memory` (the embedded broker). Nothing above this module knows which one it talks to.
+
+The model is AMQP 0-9-1's: exchanges, queues, bindings, consumers with a prefetch, acknowledgements by
+delivery tag, publisher confirms. A :class:`Broker` authenticates a user on a virtual host and hands out
+:class:`Channel` objects; a channel is one error domain (a broker error closes that channel only, and
+the channel's unacknowledged deliveries go back to their queues).
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "AccessRefused",
+    "Broker",
+    "BrokerError",
+    "BrokerUnavailable",
+    "Channel",
+    "ChannelClosed",
+    "DeliverCallback",
+    "Delivery",
+    "MessageProperties",
+    "PublishNacked",
+    "VhostNotFound",
+]
+
+
+@dataclass(slots=True)
+class MessageProperties:
+    """AMQP basic properties. ``None`` means "not set".
+
+    ``headers`` holds the application headers table with native Python values (str, int, float, bool,
+    bytes, datetime, Decimal, list, dict), exactly as the broker delivered or will publish them.
+    ``expiration`` is the AMQP string (milliseconds); ``timestamp`` is whole seconds since the epoch.
+    """
+
+    content_type: str | None = None
+    content_encoding: str | None = None
+    headers: dict[str, Any] = field(default_factory=dict)
+    delivery_mode: int | None = None
+    priority: int | None = None
+    correlation_id: str | None = None
+    reply_to: str | None = None
+    expiration: str | None = None
+    message_id: str | None = None
+    timestamp: int | None = None
+    type: str | None = None
+    user_id: str | None = None
+    app_id: str | None = None
+
+
+@dataclass(slots=True)
+class Delivery:
+    """One message handed to a consumer.
+
+    ``delivery_tag`` is unique per channel; pass it back to :meth:`Channel.ack` / :meth:`Channel.nack`
+    when the consumer was started with ``no_ack=False``.
+    """
+
+    consumer_tag: str
+    delivery_tag: int
+    exchange: str
+    routing_key: str
+    redelivered: bool
+    body: bytes
+    properties: MessageProperties
+
+
+DeliverCallback = Callable[[Delivery], None]
+"""Called synchronously, in delivery order, for every message of a consumer. Must not block."""
+
+
+class BrokerError(Exception):
+    """A broker refused an operation.
+
+    ``code`` is the AMQP reply code (404, 403, 406, 405, ...), ``name`` the AMQP reply name in lower case
+    (``not_found``, ``access_refused``, ``precondition_failed``, ``resource_locked``) and ``text`` the
+    broker's explanation without the name prefix, e.g. ``no exchange 'x' in vhost '/'``. After a
+    BrokerError raised by a channel operation, that channel is closed.
+    """
+
+    def __init__(self, code: int, name: str, text: str) -> None:
+        super().__init__(f"{name}: {text}")
+        self.code = code
+        self.name = name
+        self.text = text
+
+
+class AccessRefused(BrokerError):
+    """Wrong login or passcode."""
+
+    def __init__(self, login: str) -> None:
+        super().__init__(403, "access_refused", f"Access refused for user '{login}'")
+        self.login = login
+
+
+class VhostNotFound(BrokerError):
+    """The virtual host does not exist or the user may not use it."""
+
+    def __init__(self, vhost: str) -> None:
+        super().__init__(530, "not_allowed", f"Virtual host '{vhost}' access denied")
+        self.vhost = vhost
+
+
+class BrokerUnavailable(BrokerError):
+    """The broker cannot be reached right now (not started, restarting, connection lost)."""
+
+    def __init__(self, text: str = "the message broker is not available") -> None:
+        super().__init__(320, "connection_forced", text)
+
+
+class ChannelClosed(BrokerError):
+    """The channel was closed, by the broker or by the connection going away."""
+
+    def __init__(self, text: str = "channel closed") -> None:
+        super().__init__(504, "channel_error", text)
+
+
+class PublishNacked(BrokerError):
+    """The broker answered a publish with basic.nack (or returned it, when mandatory)."""
+
+    def __init__(self, text: str = "the broker rejected the message") -> None:
+        super().__init__(406, "nacked", text)
+
+
+class Channel(abc.ABC):
+    """One AMQP channel: the unit of isolation. Methods raise :class:`BrokerError`."""
+
+    #: Called once when the channel closes for any reason other than :meth:`close`; the argument says why.
+    on_close: Callable[[BrokerError], None] | None = None
+
+    @property
+    @abc.abstractmethod
+    def is_open(self) -> bool: ...
+
+    @abc.abstractmethod
+    async def declare_queue(
+        self,
+        name: str,
+        *,
+        durable: bool = False,
+        exclusive: bool = False,
+        auto_delete: bool = False,
+        arguments: Mapping[str, Any] | None = None,
+        passive: bool = False,
+    ) -> str:
+        """Declare a queue and return its name. ``name=""`` asks the broker to choose one."""
+
+    @abc.abstractmethod
+    async def check_exchange(self, name: str) -> None:
+        """Raise ``BrokerError(404, 'not_found', "no exchange 'X' in vhost 'V'")`` if ``name`` is missing."""
+
+    @abc.abstractmethod
+    async def declare_exchange(self, name: str, type: str = "topic", *, durable: bool = True) -> None:
+        """Declare an exchange (used by the stock daemon and tests)."""
+
+    @abc.abstractmethod
+    async def bind_queue(self, queue: str, exchange: str, routing_key: str) -> None: ...
+
+    @abc.abstractmethod
+    async def unbind_queue(self, queue: str, exchange: str, routing_key: str) -> None: ...
+
+    @abc.abstractmethod
+    async def delete_queue(self, name: str) -> None: ...
+
+    @abc.abstractmethod
+    async def consume(
+        self,
+        queue: str,
+        callback: DeliverCallback,
+        *,
+        no_ack: bool,
+        prefetch_count: int | None = None,
+        consumer_tag: str = "",
+        exclusive: bool = False,
+        arguments: Mapping[str, Any] | None = None,
+    ) -> str:
+        """Start a consumer and return its tag. ``prefetch_count`` applies to this consumer only."""
+
+    @abc.abstractmethod
+    async def cancel(self, consumer_tag: str) -> None:
+        """Stop a consumer. Its unacknowledged deliveries stay unacknowledged until ack/nack or close."""
+
+    @abc.abstractmethod
+    async def publish(
+        self,
+        exchange: str,
+        routing_key: str,
+        body: bytes,
+        properties: MessageProperties,
+        *,
+        confirm: bool = False,
+    ) -> None:
+        """Publish. With ``confirm=True`` return only after the broker confirmed it (raise
+        :class:`PublishNacked` on a nack). Without, return as soon as it is handed over."""
+
+    def start_publish(
+        self, exchange: str, routing_key: str, body: bytes, properties: MessageProperties
+    ) -> asyncio.Future[None]:
+        """Hand the message over now, so that call order is publish order, and return a future that
+        resolves at the broker's confirm (or fails with :class:`BrokerError`). Must be called from a
+        running event loop. Implementations may override it with something cheaper."""
+        return asyncio.ensure_future(self.publish(exchange, routing_key, body, properties, confirm=True))
+
+    @abc.abstractmethod
+    def ack(self, delivery_tag: int, *, multiple: bool = False) -> None:
+        """Acknowledge (fire and forget: a failure closes the channel and calls ``on_close``)."""
+
+    @abc.abstractmethod
+    def nack(self, delivery_tag: int, *, multiple: bool = False, requeue: bool = True) -> None:
+        """Negatively acknowledge (fire and forget, as :meth:`ack`)."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Close the channel; unacknowledged deliveries are requeued. Never raises."""
+
+
+ChannelFactory = Callable[[], Awaitable[Channel]]
+
+
+class Broker(abc.ABC):
+    """A source of channels for authenticated users."""
+
+    #: Short name for logs and ``CONNECTED``'s ``server`` header ("rabbitmq" or "memory").
+    kind: str = "broker"
+
+    @property
+    @abc.abstractmethod
+    def is_available(self) -> bool:
+        """True while the broker can be reached (``/healthz`` answers 200 then)."""
+
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Connect (or start). Raise :class:`BrokerUnavailable` with one clear line if impossible."""
+
+    @abc.abstractmethod
+    async def authenticate(self, login: str, passcode: str, vhost: str) -> Any:
+        """Check credentials and vhost; return an opaque *principal* for :meth:`open_channel`.
+
+        Raises :class:`AccessRefused`, :class:`VhostNotFound` or :class:`BrokerUnavailable`.
+        """
+
+    @abc.abstractmethod
+    async def open_channel(self, principal: Any) -> Channel:
+        """A new channel for that principal. Several principals of the same user may share a connection."""
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+    def shared_key(self, principal: Any) -> Any:
+        """Sessions whose principals share this key may share fan-out consumers (same AMQP connection)."""
+        return principal

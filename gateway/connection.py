@@ -1,0 +1,527 @@
+"""One client connection: runs its session's actions against the broker and writes frames out.
+
+The transport adapters (:mod:`gateway.transport.websocket`, :mod:`gateway.transport.tcp`) feed bytes in
+with :meth:`StompConnection.receive_data` and call :meth:`StompConnection.connection_lost` at the end;
+they give this class a :class:`Transport` to write to. Here live the timers (login timeout, heart-beats),
+the bound on the outbound buffer, the per-session broker channel and the attachment to shared fan-out.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+from gateway.broker.base import Broker, BrokerError, Channel, ChannelClosed, Delivery, PublishNacked
+from gateway.fanout import FanoutRegistry, Sink
+from gateway.stomp.frames import Frame, FrameParser, Limits, ProtocolError
+from gateway.stomp.session import (
+    Ack,
+    Action,
+    Authenticate,
+    Close,
+    Disconnect,
+    MessageTemplate,
+    Publish,
+    SendFrame,
+    Session,
+    SessionSettings,
+    State,
+    Subscribe,
+    Subscription,
+    Unsubscribe,
+)
+
+__all__ = ["ConnectionSettings", "StompConnection", "Transport"]
+
+logger = logging.getLogger(__name__)
+
+
+class Transport(abc.ABC):
+    """What a connection needs from its byte pipe."""
+
+    @abc.abstractmethod
+    def write(self, data: bytes, text: bool) -> None:
+        """Queue one serialized frame for sending (never blocks). ``text`` says the frame is valid UTF-8."""
+
+    @abc.abstractmethod
+    def write_heartbeat(self) -> None:
+        """Send one EOL."""
+
+    @property
+    @abc.abstractmethod
+    def buffered(self) -> int:
+        """Bytes written but not yet handed to the kernel."""
+
+    @abc.abstractmethod
+    async def drain(self) -> None:
+        """Wait until everything written so far has been handed to the kernel."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Close the connection after the queued data (callers bound the wait)."""
+
+    @abc.abstractmethod
+    def abort(self) -> None:
+        """Drop the connection now."""
+
+
+class ConnectionSettings:
+    """Limits and timers of the connection layer (from :class:`gateway.config.Config`)."""
+
+    def __init__(
+        self,
+        *,
+        limits: Limits | None = None,
+        session: SessionSettings | None = None,
+        login_timeout: float = 10.0,
+        max_outbound_buffer: int = 4 * 1024 * 1024,
+        max_inbound_frames: int = 64,
+        close_timeout: float = 5.0,
+    ) -> None:
+        self.limits = limits or Limits()
+        self.session = session or SessionSettings()
+        self.login_timeout = login_timeout
+        self.max_outbound_buffer = max_outbound_buffer
+        self.max_inbound_frames = max_inbound_frames
+        self.close_timeout = close_timeout
+
+
+class StompConnection:
+    """Drives one :class:`Session` over one :class:`Transport`."""
+
+    def __init__(
+        self,
+        transport: Transport,
+        broker: Broker,
+        registry: FanoutRegistry,
+        settings: ConnectionSettings,
+        *,
+        peer: str = "?",
+    ) -> None:
+        self.transport = transport
+        self.broker = broker
+        self.registry = registry
+        self.settings = settings
+        self.peer = peer
+        self.session = Session(settings.session)
+        self.parser = FrameParser(settings.limits)
+        self.loop = asyncio.get_running_loop()
+        self.last_received = self.last_sent = self.loop.time()
+        self.closed = asyncio.Event()
+        self.debug = logger.isEnabledFor(logging.DEBUG)
+        self._inbound: asyncio.Queue[Frame] = asyncio.Queue(settings.max_inbound_frames)
+        self._closing = False
+        self._principal: Any = None
+        self._channel: Channel | None = None
+        self._declared: set[str] = set()
+        self._temp_queues: dict[str, str] = {}
+        self._pending: set[asyncio.Future[None]] = set()
+        self._tasks = [
+            asyncio.create_task(self._process(), name=f"stomp-process-{peer}"),
+            asyncio.create_task(self._login_timer(), name=f"stomp-login-{peer}"),
+        ]
+
+    # -- input ------------------------------------------------------------------------------------------
+
+    async def receive_data(self, data: bytes) -> None:
+        """Parse bytes from the client; waits (back-pressure) while the broker is behind."""
+        if self._closing:
+            return
+        self.last_received = self.loop.time()
+        try:
+            frames = self.parser.receive_data(data)
+        except ProtocolError as error:
+            await self._run(self.session.fail(error))
+            return
+        for frame in frames:
+            await self._inbound.put(frame)
+
+    async def connection_lost(self) -> None:
+        """The client went away (or we closed): release everything."""
+        if not self._closing:
+            self._closing = True
+            self.session.state = State.CLOSED
+        await self._cleanup()
+
+    # -- processing -------------------------------------------------------------------------------------
+
+    async def _process(self) -> None:
+        try:
+            while not self._closing:
+                frame = await self._inbound.get()
+                if self.debug:
+                    logger.debug("%s > %s %s", self.peer, frame.command, frame.headers)
+                await self._run(self.session.receive_frame(frame))
+        except asyncio.CancelledError:
+            pass
+        except Exception:
+            logger.exception("session %s failed", self.session.id)
+            await self._run(self.session.fail(ProtocolError("Internal error", "The gateway failed; see its log.\n")))
+
+    async def _run(self, actions: list[Action]) -> None:
+        for action in actions:
+            if isinstance(action, SendFrame):
+                self.send_frame(action.frame)
+            elif isinstance(action, Publish):
+                await self._publish(action)
+            elif isinstance(action, Subscribe):
+                await self._subscribe(action)
+            elif isinstance(action, Ack):
+                self._ack(action)
+            elif isinstance(action, Unsubscribe):
+                await self._unsubscribe(action)
+            elif isinstance(action, Authenticate):
+                await self._authenticate(action)
+            elif isinstance(action, Disconnect):
+                await self._disconnect(action)
+            elif isinstance(action, Close):
+                await self._close(action.error)
+            if self._closing:
+                return
+
+    async def _fail(self, error: BrokerError, receipt: Frame | None = None) -> None:
+        await self._run(self.session.broker_failed(error, receipt))
+
+    # -- output -----------------------------------------------------------------------------------------
+
+    def send_frame(self, frame: Frame) -> None:
+        data = frame.serialize(self.session.version)
+        try:
+            data.decode("utf-8")
+            text = True
+        except UnicodeDecodeError:
+            text = False
+        self._write(data, text)
+
+    def _write(self, data: bytes, text: bool) -> None:
+        if self._closing:
+            return
+        self.transport.write(data, text)
+        self.last_sent = self.loop.time()
+        if self.transport.buffered > self.settings.max_outbound_buffer:
+            self._slow_client()
+
+    def _slow_client(self) -> None:
+        limit = self.settings.max_outbound_buffer
+        error = ProtocolError(
+            "Slow consumer",
+            f"The client fell more than {limit} bytes behind (setting --max-outbound-buffer); "
+            "unacknowledged messages go back to their queues.\n",
+        )
+        logger.warning("%s: disconnecting slow client (%d bytes buffered)", self.peer, self.transport.buffered)
+        asyncio.ensure_future(self._run(self.session.fail(error)))
+
+    # -- timers -----------------------------------------------------------------------------------------
+
+    async def _login_timer(self) -> None:
+        await asyncio.sleep(self.settings.login_timeout)
+        if self.session.state in (State.CONNECTING, State.AUTHENTICATING) and not self._closing:
+            await self._run(
+                self.session.fail(
+                    ProtocolError(
+                        "Login timeout",
+                        f"No successful CONNECT within {self.settings.login_timeout:g} s (setting --login-timeout)\n",
+                    )
+                )
+            )
+
+    async def _heartbeats(self, send_every: int, expect_every: int) -> None:
+        intervals = [i for i in (send_every, expect_every) if i]
+        tick = min(intervals) / 2000
+        while not self._closing:
+            await asyncio.sleep(tick)
+            now = self.loop.time()
+            if send_every and now - self.last_sent >= send_every / 1000 - tick / 2:
+                self.transport.write_heartbeat()
+                self.last_sent = now
+            if expect_every and now - self.last_received > 2 * expect_every / 1000:
+                await self._run(
+                    self.session.fail(
+                        ProtocolError(
+                            "Heart-beat timeout",
+                            f"Nothing received for {2 * expect_every} ms (two heart-beat intervals)\n",
+                        )
+                    )
+                )
+                return
+
+    # -- CONNECT ----------------------------------------------------------------------------------------
+
+    async def _authenticate(self, action: Authenticate) -> None:
+        try:
+            self._principal = await self.broker.authenticate(action.login, action.passcode, action.vhost)
+        except BrokerError as error:
+            await self._fail(error)
+            return
+        self.parser.version = self.session.version
+        self.parser.authenticated = True
+        # The parser held back whatever the client pipelined behind CONNECT; decode it now, for the
+        # negotiated version, before any later bytes.
+        try:
+            pipelined = self.parser.receive_data(b"")
+        except ProtocolError as error:
+            await self._run(self.session.fail(error))
+            return
+        await self._run(self.session.authenticated())
+        send_every, expect_every = self.session.heartbeat
+        if send_every or expect_every:
+            self._tasks.append(asyncio.create_task(self._heartbeats(send_every, expect_every)))
+        for frame in pipelined:
+            if self._closing:
+                return
+            await self._run(self.session.receive_frame(frame))
+
+    async def _own_channel(self) -> Channel:
+        if self._channel is None or not self._channel.is_open:
+            self._channel = await self.broker.open_channel(self._principal)
+            self._channel.on_close = self._channel_closed
+            self._declared.clear()
+            self._temp_queues.clear()
+        return self._channel
+
+    def _channel_closed(self, error: BrokerError) -> None:
+        if not self._closing:
+            asyncio.ensure_future(self._fail(error))
+
+    # -- SEND -------------------------------------------------------------------------------------------
+
+    async def _publish(self, action: Publish) -> None:
+        try:
+            channel = await self._own_channel()
+            declaration = action.declare
+            if declaration is not None and declaration.name not in self._declared:
+                await channel.declare_queue(
+                    declaration.name,
+                    durable=declaration.durable,
+                    exclusive=declaration.exclusive,
+                    auto_delete=declaration.auto_delete,
+                    arguments=declaration.arguments,
+                )
+                self._declared.add(declaration.name)
+            if action.temp_queue is not None:
+                action.properties.reply_to = await self._temp_queue(channel, action.temp_queue)
+            future = channel.start_publish(action.exchange, action.routing_key, action.body, action.properties)
+        except BrokerError as error:
+            await self._fail(error, action.receipt)
+            return
+        self._pending.add(future)
+        future.add_done_callback(lambda f: self._confirmed(f, action.receipt))
+
+    def _confirmed(self, future: asyncio.Future[None], receipt: Frame | None) -> None:
+        self._pending.discard(future)
+        if self._closing:
+            if not future.cancelled():
+                future.exception()
+            return
+        error = future.exception() if not future.cancelled() else ChannelClosed()
+        if error is None:
+            if receipt is not None:
+                self.send_frame(receipt)
+            return
+        if isinstance(error, PublishNacked):
+            receipt_id = receipt.get("receipt-id") if receipt is not None else None
+            detail = "The broker did not accept a message (basic.nack)"
+            if receipt_id is not None:
+                detail += f" sent with receipt '{receipt_id}'"
+            asyncio.ensure_future(
+                self._run(self.session.fail(ProtocolError("Message rejected", detail + "\n", receipt_id=receipt_id)))
+            )
+        elif isinstance(error, BrokerError):
+            asyncio.ensure_future(self._fail(error, receipt))
+
+    async def _temp_queue(self, channel: Channel, name: str) -> str:
+        queue = self._temp_queues.get(name)
+        if queue is not None:
+            return queue
+        queue = await channel.declare_queue("", exclusive=True, auto_delete=True)
+        subscription = Subscription(
+            key=name,
+            id=name,
+            destination=None,  # type: ignore[arg-type]
+            ack="auto",
+            plan=None,  # type: ignore[arg-type]
+            prefetch_count=None,
+            consumer_tag="T_" + name,
+        )
+        deliverer = self._own_deliverer(subscription)
+        await channel.consume(queue, deliverer, no_ack=True, consumer_tag="T_" + name)
+        deliverer.start()
+        self._temp_queues[name] = queue
+        return queue
+
+    # -- SUBSCRIBE / UNSUBSCRIBE ------------------------------------------------------------------------
+
+    def _own_deliverer(self, subscription: Subscription) -> _Deliverer:
+        return _Deliverer(self, subscription)
+
+    def _shared_deliverer(self, subscription: Subscription) -> Sink:
+        session = self.session
+        version = session.version
+        sub_id = subscription.id
+
+        def on_message(template: MessageTemplate) -> None:
+            self._write(template.render(version, sub_id), template.is_text)
+
+        def on_error(error: BrokerError) -> None:
+            if not self._closing:
+                asyncio.ensure_future(self._fail(error))
+
+        return Sink(on_message, on_error)
+
+    async def _subscribe(self, action: Subscribe) -> None:
+        subscription = action.subscription
+        plan = subscription.plan
+        deliverer: _Deliverer | None = None
+        try:
+            if subscription.shared and plan.exchange is not None:
+                sink = self._shared_deliverer(subscription)
+                await self.registry.hub_for(self._principal).attach(plan.exchange, plan.binding_key, sink)
+                subscription.handle = sink
+                if self._closing or subscription.key not in self.session.subscriptions:
+                    await self.registry.hub_for(self._principal).detach(sink)
+                    return
+            else:
+                channel = await self._own_channel()
+                queue = plan.queue
+                declaration = plan.declaration
+                if declaration is not None:
+                    queue = await channel.declare_queue(
+                        declaration.name,
+                        durable=declaration.durable,
+                        exclusive=declaration.exclusive,
+                        auto_delete=declaration.auto_delete,
+                        arguments=declaration.arguments,
+                    )
+                if plan.exchange is not None:
+                    await channel.bind_queue(queue, plan.exchange, plan.binding_key)
+                deliverer = self._own_deliverer(subscription)
+                subscription.handle = await channel.consume(
+                    queue,
+                    deliverer,
+                    no_ack=subscription.ack == "auto",
+                    prefetch_count=subscription.prefetch_count,
+                    consumer_tag=subscription.consumer_tag,
+                    arguments=subscription.consumer_arguments,
+                )
+        except BrokerError as error:
+            await self._fail(error, action.receipt)
+            return
+        if action.receipt is not None:
+            self.send_frame(action.receipt)
+        if deliverer is not None:
+            deliverer.start()  # messages that raced the receipt go out after it
+
+    async def _unsubscribe(self, action: Unsubscribe) -> None:
+        subscription = action.subscription
+        handle = subscription.handle
+        subscription.handle = False
+        try:
+            if isinstance(handle, Sink):
+                await self.registry.hub_for(self._principal).detach(handle)
+            elif isinstance(handle, str) and self._channel is not None:
+                await self._channel.cancel(handle)
+                for tag in subscription.pending.values():
+                    self._channel.nack(tag, requeue=True)
+                subscription.pending.clear()
+            if action.delete_queue is not None:
+                channel = await self._own_channel()
+                await channel.delete_queue(action.delete_queue)
+        except BrokerError as error:
+            await self._fail(error, action.receipt)
+            return
+        if action.receipt is not None:
+            self.send_frame(action.receipt)
+
+    # -- ACK / NACK ---------------------------------------------------------------------------------------
+
+    def _ack(self, action: Ack) -> None:
+        channel = self._channel
+        if channel is not None:
+            for tag in action.delivery_tags:
+                if action.nack:
+                    channel.nack(tag, requeue=action.requeue)
+                else:
+                    channel.ack(tag)
+        if action.receipt is not None:
+            self.send_frame(action.receipt)
+
+    # -- closing ------------------------------------------------------------------------------------------
+
+    async def _disconnect(self, action: Disconnect) -> None:
+        if self._pending:
+            await asyncio.wait(list(self._pending), timeout=self.settings.close_timeout)
+        if action.receipt is not None:
+            self.send_frame(action.receipt)
+        await self._close(None)
+
+    async def _close(self, error: Frame | None) -> None:
+        """Write ``error`` out completely, then close; the cleanup runs once."""
+        if self._closing:
+            return
+        if error is not None:
+            self.send_frame(error)
+            if self.debug:
+                logger.debug("%s < ERROR %s", self.peer, error.headers)
+        self._closing = True
+        self.session.state = State.CLOSED
+        try:
+            await asyncio.wait_for(self.transport.drain(), self.settings.close_timeout)
+            await asyncio.wait_for(self.transport.close(), self.settings.close_timeout)
+        except (TimeoutError, ConnectionError, OSError):
+            self.transport.abort()
+        await self._cleanup()
+
+    async def _cleanup(self) -> None:
+        if self.closed.is_set():
+            return
+        self.closed.set()
+        current = asyncio.current_task()
+        for task in self._tasks:
+            if task is not current:
+                task.cancel()
+        for subscription in list(self.session.subscriptions.values()):
+            if isinstance(subscription.handle, Sink):
+                with contextlib.suppress(BrokerError):
+                    await self.registry.hub_for(self._principal).detach(subscription.handle)
+        self.session.subscriptions.clear()
+        for future in list(self._pending):
+            future.cancel()
+        if self._channel is not None:
+            await self._channel.close()  # unacknowledged deliveries go back to their queues
+            self._channel = None
+
+
+class _Deliverer:
+    """Delivery callback of a session's own consumer. Holds deliveries back until :meth:`start` (after the
+    SUBSCRIBE's RECEIPT went out), so a client never sees a MESSAGE before the RECEIPT of its SUBSCRIBE."""
+
+    __slots__ = ("connection", "held", "subscription")
+
+    def __init__(self, connection: StompConnection, subscription: Subscription) -> None:
+        self.connection = connection
+        self.subscription = subscription
+        self.held: list[Delivery] | None = []
+
+    def start(self) -> None:
+        held, self.held = self.held, None
+        for delivery in held or ():
+            self(delivery)
+
+    def __call__(self, delivery: Delivery) -> None:
+        connection = self.connection
+        if connection._closing:
+            return
+        if self.held is not None:
+            self.held.append(delivery)
+            return
+        subscription = self.subscription
+        if subscription.handle is False:  # unsubscribed: give client-mode messages back
+            if subscription.ack != "auto" and connection._channel is not None:
+                connection._channel.nack(delivery.delivery_tag, requeue=True)
+            return
+        session = connection.session
+        template = session.deliver(subscription, delivery)
+        connection._write(session.render(subscription, template), template.is_text)

@@ -1,0 +1,140 @@
+"""The gateway process: one broker, the shared fan-out, the transports, optionally the stock daemon."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+
+from gateway.broker.base import Broker
+from gateway.config import Config
+from gateway.connection import ConnectionSettings, StompConnection
+from gateway.fanout import FanoutRegistry
+from gateway.stomp.frames import Limits
+from gateway.stomp.session import SessionSettings
+from gateway.transport.http import DEFAULT_WEB_ROOT, HttpResponder
+
+__all__ = ["Gateway", "make_broker"]
+
+logger = logging.getLogger("gateway")
+
+
+def make_broker(config: Config) -> Broker:
+    if config.broker == "memory":
+        from gateway.broker.memory import MemoryBroker
+
+        users = {config.default_login: config.default_passcode}
+        return MemoryBroker(users=users)
+    from gateway.broker.amqp import AmqpBroker
+
+    assert config.amqp_url is not None
+    return AmqpBroker(config.amqp_url, sessions_per_connection=config.sessions_per_connection)
+
+
+class Gateway:
+    """Start with :meth:`start`, stop with :meth:`stop`. ``port``/``tcp_port`` are the bound ports."""
+
+    def __init__(self, config: Config, broker: Broker | None = None) -> None:
+        self.config = config
+        self.broker = broker or make_broker(config)
+        self.registry = FanoutRegistry(self.broker, config.topic_exchange)
+        self.connection_settings = ConnectionSettings(
+            limits=Limits(
+                max_frame_size_unauthenticated=config.max_frame_size_unauthenticated,
+                max_frame_size=config.max_frame_size,
+                max_headers=config.max_headers,
+                max_header_line=config.max_header_line,
+            ),
+            session=SessionSettings(
+                default_login=config.default_login,
+                default_passcode=config.default_passcode,
+                default_vhost=config.default_vhost,
+                heartbeat_min=config.heartbeat_min,
+                heartbeat_max=config.heartbeat_max,
+                topic_exchange=config.topic_exchange,
+                max_subscriptions=config.max_subscriptions,
+                max_transactions=config.max_transactions,
+                max_transaction_frames=config.max_transaction_frames,
+                server_name=config.server_name,
+                shared_fanout=config.shared_fanout,
+            ),
+            login_timeout=config.login_timeout,
+            max_outbound_buffer=config.max_outbound_buffer,
+            max_inbound_frames=config.max_inbound_frames,
+        )
+        self.connections: set[StompConnection] = set()
+        self.metrics = CollectorRegistry()
+        self._open_gauge = Gauge("stomp_gateway_connections", "Open client connections", registry=self.metrics)
+        self._opened = Counter("stomp_gateway_connections_opened", "Client connections accepted", registry=self.metrics)
+        Gauge("stomp_gateway_broker_up", "1 while the broker is reachable", registry=self.metrics).set_function(
+            lambda: 1.0 if self.broker.is_available else 0.0
+        )
+        self._servers: list[Any] = []
+        self._daemon_task: asyncio.Task[None] | None = None
+        self._daemon_stop = asyncio.Event()
+        self.port: int | None = None
+        self.tcp_port: int | None = None
+
+    def connection_opened(self, connection: StompConnection) -> None:
+        self.connections.add(connection)
+        self._open_gauge.inc()
+        self._opened.inc()
+
+    def connection_closed(self, connection: StompConnection) -> None:
+        if connection in self.connections:
+            self.connections.discard(connection)
+            self._open_gauge.dec()
+
+    def _web_root(self) -> Path | None:
+        root = self.config.web_root
+        if root is None:
+            return DEFAULT_WEB_ROOT if DEFAULT_WEB_ROOT.is_dir() else None
+        if root.lower() == "none":
+            return None
+        return Path(root)
+
+    async def start(self) -> None:
+        """Connect the broker (raises BrokerUnavailable) and open the listeners."""
+        from gateway.transport.tcp import serve_tcp
+        from gateway.transport.websocket import serve_websocket
+
+        await self.broker.start()
+        http = HttpResponder(self._web_root(), lambda: self.broker.is_available, lambda: generate_latest(self.metrics))
+        ws_server = await serve_websocket(self, http)
+        self._servers.append(ws_server)
+        self.port = ws_server.sockets[0].getsockname()[1]
+        if self.config.tcp_port is not None:
+            tcp_server = await serve_tcp(self)
+            self._servers.append(tcp_server)
+            self.tcp_port = tcp_server.sockets[0].getsockname()[1]
+        if self.config.with_stock_daemon:
+            self._daemon_task = asyncio.create_task(self._run_stock_daemon(), name="stock-daemon")
+
+    async def _run_stock_daemon(self) -> None:
+        from stock_daemon.daemon import DaemonConfig, run_daemon
+
+        principal = await self.broker.authenticate(
+            self.config.default_login, self.config.default_passcode, self.config.default_vhost
+        )
+        await run_daemon(self.broker, principal, DaemonConfig.from_env(), stop=self._daemon_stop)
+
+    async def stop(self) -> None:
+        self._daemon_stop.set()
+        if self._daemon_task is not None:
+            with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError, Exception):
+                await asyncio.wait_for(self._daemon_task, 5)
+        for server in self._servers:
+            server.close()
+        for connection in list(self.connections):
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(connection.transport.close(), 2)
+            await connection.connection_lost()
+        for server in self._servers:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(server.wait_closed(), 5)
+        await self.registry.close()
+        await self.broker.close()

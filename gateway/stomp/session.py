@@ -1,0 +1,628 @@
+"""The STOMP session state machine (sans-I/O).
+
+A :class:`Session` takes client frames in (:meth:`Session.receive_frame`) and gives *actions* out: frames
+to write and broker operations to run. The connection layer runs the actions in order and reports their
+outcome back (:meth:`Session.authenticated`, :meth:`Session.broker_failed`, ...), which again yields
+actions. Deliveries become MESSAGE frames through :class:`MessageTemplate`, which serializes the shared part
+of a frame once however many sessions receive it.
+
+Every state and the commands it accepts live in :data:`ACCEPTS`; nothing else decides what a state allows.
+"""
+
+from __future__ import annotations
+
+import base64
+import enum
+import secrets
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from gateway.broker.base import AccessRefused, BrokerError, Delivery, MessageProperties, VhostNotFound
+from gateway.destinations import (
+    Destination,
+    QueueDeclaration,
+    SubscriptionPlan,
+    check_send_destination,
+    durable_unsubscribe_queue,
+    format_destination,
+    parse_destination,
+    routing_pair,
+    send_declaration,
+    subscription_plan,
+)
+from gateway.headers import message_headers, properties_from_send
+from gateway.stomp.frames import SUPPORTED_VERSIONS_TEXT, VERSIONS, Frame, ProtocolError, encode_header_value
+
+__all__ = [
+    "ACCEPTS",
+    "Ack",
+    "Action",
+    "Authenticate",
+    "Close",
+    "Disconnect",
+    "MessageTemplate",
+    "Publish",
+    "SendFrame",
+    "Session",
+    "SessionSettings",
+    "State",
+    "Subscribe",
+    "Subscription",
+    "Unsubscribe",
+    "negotiate_heartbeat",
+    "negotiate_version",
+]
+
+
+class State(enum.Enum):
+    CONNECTING = "connecting"  # waiting for CONNECT / STOMP
+    AUTHENTICATING = "authenticating"  # CONNECT received, the broker is checking the credentials
+    CONNECTED = "connected"
+    CLOSED = "closed"  # DISCONNECT or ERROR sent: nothing more is accepted
+
+
+CLIENT_COMMANDS = frozenset(
+    {"CONNECT", "STOMP", "SEND", "SUBSCRIBE", "UNSUBSCRIBE", "ACK", "NACK", "BEGIN", "COMMIT", "ABORT", "DISCONNECT"}
+)
+
+#: The commands each state accepts. Anything else: "Illegal command" before CONNECT, "Bad command" for an
+#: unknown command. A frame in CLOSED is ignored (the connection is going away).
+ACCEPTS: dict[State, frozenset[str]] = {
+    State.CONNECTING: frozenset({"CONNECT", "STOMP"}),
+    State.AUTHENTICATING: frozenset(),
+    State.CONNECTED: CLIENT_COMMANDS - {"CONNECT", "STOMP"},
+    State.CLOSED: frozenset(),
+}
+
+#: Commands that may carry a ``transaction`` header and are then buffered until COMMIT.
+TRANSACTIONAL = frozenset({"SEND", "ACK", "NACK"})
+
+ACK_MODES = ("auto", "client", "client-individual")
+
+
+# ---------------------------------------------------------------------------------------------- actions
+
+
+@dataclass(frozen=True, slots=True)
+class SendFrame:
+    """Write this frame to the client."""
+
+    frame: Frame
+
+
+@dataclass(frozen=True, slots=True)
+class Authenticate:
+    """Check these credentials with the broker, then call :meth:`Session.authenticated` or
+    :meth:`Session.broker_failed`."""
+
+    login: str
+    passcode: str
+    vhost: str
+
+
+@dataclass(slots=True)
+class Subscription:
+    """One client subscription. ``key`` is the id (or ``Q_<destination>`` without one)."""
+
+    key: str
+    id: str | None
+    destination: Destination
+    ack: str
+    plan: SubscriptionPlan
+    prefetch_count: int | None
+    consumer_tag: str
+    consumer_arguments: dict[str, object] = field(default_factory=dict)
+    #: ack id -> delivery tag, in delivery order (client modes only)
+    pending: dict[str, int] = field(default_factory=dict)
+    #: set by the connection layer: how the broker side is attached (own consumer or shared fan-out)
+    handle: object = None
+
+    @property
+    def shared(self) -> bool:
+        return self.plan.shareable and self.ack == "auto"
+
+
+@dataclass(frozen=True, slots=True)
+class Subscribe:
+    """Start consuming for ``subscription``; on success send ``receipt`` (if any); on failure call
+    :meth:`Session.broker_failed`."""
+
+    subscription: Subscription
+    receipt: Frame | None
+
+
+@dataclass(frozen=True, slots=True)
+class Unsubscribe:
+    """Stop the subscription's consumer; delete ``delete_queue`` if set; then send ``receipt``."""
+
+    subscription: Subscription
+    delete_queue: str | None
+    receipt: Frame | None
+
+
+@dataclass(frozen=True, slots=True)
+class Publish:
+    """Publish a message. ``declare`` is declared first (once per session per name is enough);
+    ``temp_queue`` names a ``/temp-queue/T`` whose real queue name must be put in ``properties.reply_to``
+    (declaring it and subscribing to it on first use). ``receipt`` is sent after the broker's confirm."""
+
+    exchange: str
+    routing_key: str
+    body: bytes
+    properties: MessageProperties
+    declare: QueueDeclaration | None
+    temp_queue: str | None
+    receipt: Frame | None
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """Acknowledge (or, with ``nack``, reject) these delivery tags, then send ``receipt``."""
+
+    subscription: Subscription
+    delivery_tags: tuple[int, ...]
+    nack: bool
+    requeue: bool
+    receipt: Frame | None
+
+
+@dataclass(frozen=True, slots=True)
+class Disconnect:
+    """Wait for every earlier action (confirms included), send ``receipt`` if any, then close."""
+
+    receipt: Frame | None
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    """Write ``error`` (if any) completely, then close the connection."""
+
+    error: Frame | None
+
+
+Action = SendFrame | Authenticate | Subscribe | Unsubscribe | Publish | Ack | Disconnect | Close
+
+
+# ---------------------------------------------------------------------------------------------- negotiation
+
+
+def negotiate_version(accept_version: str | None) -> str:
+    """The highest version both sides speak; no header means 1.0 (STOMP 1.2, "Protocol Negotiation")."""
+    if accept_version is None:
+        return "1.0"
+    offered = {v.strip() for v in accept_version.split(",")}
+    for version in reversed(VERSIONS):
+        if version in offered:
+            return version
+    raise ProtocolError("Version mismatch", f"Supported versions are {SUPPORTED_VERSIONS_TEXT}\n")
+
+
+def negotiate_heartbeat(value: str | None, minimum: int, maximum: int) -> tuple[int, int]:
+    """Return ``(send_every, expect_every)`` in ms for the server, from the client's ``heart-beat:cx,cy``.
+
+    The server sends only if the client wants heart-beats (cy > 0), and never more often than
+    ``minimum`` nor less often than ``maximum``; likewise for what it expects. 0 means off.
+    """
+    if not value:
+        return 0, 0
+    try:
+        cx_text, cy_text = value.split(",")
+        cx, cy = int(cx_text.strip()), int(cy_text.strip())
+    except ValueError:
+        raise ProtocolError("Invalid header", f"'heart-beat' must be two comma-separated integers, got {value!r}\n")
+    if cx < 0 or cy < 0:
+        raise ProtocolError("Invalid header", f"'heart-beat' values must not be negative, got {value!r}\n")
+    send_every = min(max(cy, minimum), maximum) if cy > 0 else 0
+    expect_every = min(max(cx, minimum), maximum) if cx > 0 else 0
+    return send_every, expect_every
+
+
+# ---------------------------------------------------------------------------------------------- messages
+
+
+class MessageTemplate:
+    """A delivery turned into the shared part of a MESSAGE frame, serialized once per version family.
+
+    ``render(version, subscription)`` prepends the only per-session header (``subscription``) and, for
+    client ack modes, appends ``ack``. For shared fan-out every session renders the same template.
+    """
+
+    __slots__ = ("_cache", "body", "headers", "is_text")
+
+    def __init__(self, headers: list[tuple[str, str]], body: bytes) -> None:
+        self.headers = headers
+        self.body = body
+        try:
+            body.decode("utf-8")
+        except UnicodeDecodeError:
+            self.is_text = False
+        else:
+            self.is_text = True
+        self._cache: dict[str, bytes] = {}
+
+    @classmethod
+    def from_delivery(cls, delivery: Delivery, message_id: str, topic_exchange: str) -> MessageTemplate:
+        headers = [
+            ("destination", format_destination(delivery.exchange, delivery.routing_key, topic_exchange)),
+            ("message-id", message_id),
+            ("redelivered", "true" if delivery.redelivered else "false"),
+        ]
+        headers.extend(message_headers(delivery.properties))
+        return cls(headers, delivery.body)
+
+    def _tail(self, family: str) -> bytes:
+        cached = self._cache.get(family)
+        if cached is None:
+            parts = [f"{encode_header_value(k, family)}:{encode_header_value(v, family)}\n" for k, v in self.headers
+                     if k != "content-length"]
+            if self.body:
+                parts.append(f"content-length:{len(self.body)}\n")
+            cached = "".join(parts).encode() + b"\n" + self.body + b"\x00"
+            self._cache[family] = cached
+        return cached
+
+    def render(self, version: str, subscription: str | None, ack: str | None = None) -> bytes:
+        family = "1.0" if version == "1.0" else "1.2"
+        head = b"MESSAGE\n"
+        if subscription is not None:
+            head += b"subscription:" + encode_header_value(subscription, family).encode() + b"\n"
+        if ack is not None:
+            head += b"ack:" + encode_header_value(ack, family).encode() + b"\n"
+        return head + self._tail(family)
+
+
+# ---------------------------------------------------------------------------------------------- session
+
+
+@dataclass(frozen=True, slots=True)
+class SessionSettings:
+    """The slice of the configuration a session needs (pure values)."""
+
+    default_login: str = "guest"
+    default_passcode: str = "guest"
+    default_vhost: str = "/"
+    heartbeat_min: int = 1000
+    heartbeat_max: int = 600_000
+    topic_exchange: str = "amq.topic"
+    max_subscriptions: int = 1000
+    max_transactions: int = 100
+    max_transaction_frames: int = 10_000
+    server_name: str = "stomp-ws-gateway/0.1"
+    shared_fanout: bool = True
+
+
+def _receipt(frame: Frame) -> Frame | None:
+    receipt_id = frame.get("receipt")
+    if receipt_id is None:
+        return None
+    return Frame("RECEIPT", (("receipt-id", receipt_id),))
+
+
+def _new_session_id() -> str:
+    return "session-" + base64.urlsafe_b64encode(secrets.token_bytes(16)).rstrip(b"=").decode()
+
+
+class Session:
+    """One client's STOMP session, free of I/O.
+
+    Call :meth:`receive_frame` for each parsed frame and run the returned actions in order. A
+    :class:`ProtocolError` never escapes: it becomes a :class:`Close` action carrying the ERROR frame.
+    """
+
+    def __init__(self, settings: SessionSettings | None = None, session_id: str | None = None) -> None:
+        self.settings = settings or SessionSettings()
+        self.id = session_id or _new_session_id()
+        self.state = State.CONNECTING
+        self.version = "1.2"
+        self.heartbeat: tuple[int, int] = (0, 0)
+        self.login = ""
+        self.vhost = ""
+        self.subscriptions: dict[str, Subscription] = {}
+        self.transactions: dict[str, list[Frame]] = {}
+        #: ack id -> subscription key, for client ack modes
+        self._ack_index: dict[str, str] = {}
+        self._tag_counter = 0
+
+    # -- input ------------------------------------------------------------------------------------
+
+    def receive_frame(self, frame: Frame) -> list[Action]:
+        """Handle one client frame. Returns the actions to run, in order."""
+        if self.state is State.CLOSED:
+            return []
+        try:
+            return self._dispatch(frame)
+        except ProtocolError as error:
+            if error.receipt_id is None and frame.get("receipt") is not None:
+                error.receipt_id = frame.get("receipt")
+            return self.fail(error)
+
+    def fail(self, error: ProtocolError) -> list[Action]:
+        """Close the session with this error (the ERROR frame is written before the close)."""
+        self.state = State.CLOSED
+        return [Close(error.to_frame())]
+
+    def _dispatch(self, frame: Frame) -> list[Action]:
+        command = frame.command
+        if command not in ACCEPTS[self.state]:
+            if command not in CLIENT_COMMANDS:
+                raise ProtocolError("Bad command", f'Could not interpret command "{command}"\n')
+            if self.state is State.CONNECTING:
+                raise ProtocolError("Illegal command", "You must log in using CONNECT first")
+            raise ProtocolError("Illegal command", f"'{command}' is not allowed once the session is connected")
+        transaction = frame.get("transaction") if command in TRANSACTIONAL else None
+        if transaction is not None:
+            return self._buffer(transaction, frame)
+        handler = getattr(self, "_on_" + command.lower())
+        actions: list[Action] = handler(frame)
+        return actions
+
+    # -- CONNECT ----------------------------------------------------------------------------------
+
+    def _on_connect(self, frame: Frame) -> list[Action]:
+        version = negotiate_version(frame.get("accept-version"))
+        if version == "1.0":
+            # RabbitMQ trims leading whitespace of 1.0 header values (RS-proc frame_transformer).
+            frame = Frame(frame.command, tuple((k, v.lstrip()) for k, v in frame.headers), frame.body)
+        self.version = version
+        self.heartbeat = negotiate_heartbeat(
+            frame.get("heart-beat"), self.settings.heartbeat_min, self.settings.heartbeat_max
+        )
+        login = frame.get("login")
+        passcode = frame.get("passcode")
+        if login is None:
+            login, passcode = self.settings.default_login, self.settings.default_passcode
+        self.login = login
+        self.vhost = frame.get("host") or self.settings.default_vhost
+        self.state = State.AUTHENTICATING
+        return [Authenticate(login, passcode or "", self.vhost)]
+
+    _on_stomp = _on_connect
+
+    def authenticated(self) -> list[Action]:
+        """The broker accepted the credentials: answer CONNECTED."""
+        self.state = State.CONNECTED
+        send_every, expect_every = self.heartbeat
+        connected = Frame(
+            "CONNECTED",
+            (
+                ("version", self.version),
+                ("session", self.id),
+                ("server", self.settings.server_name),
+                ("heart-beat", f"{send_every},{expect_every}"),
+            ),
+        )
+        return [SendFrame(connected)]
+
+    # -- broker outcomes ------------------------------------------------------------------------------
+
+    def broker_failed(self, error: BrokerError, receipt: Frame | None = None) -> list[Action]:
+        """A broker operation failed: report it with RabbitMQ's wording and close."""
+        receipt_id = receipt.get("receipt-id") if receipt is not None else None
+        if isinstance(error, AccessRefused | VhostNotFound):
+            return self.fail(ProtocolError("Bad CONNECT", error.text, receipt_id=receipt_id))
+        return self.fail(ProtocolError(error.name, error.text, receipt_id=receipt_id))
+
+    # -- SEND ---------------------------------------------------------------------------------------
+
+    def _on_send(self, frame: Frame) -> list[Action]:
+        raw = frame.get("destination")
+        if raw is None:
+            raise ProtocolError("Missing destination", "\"SEND\" must include a 'destination' header\n")
+        destination = parse_destination(raw)
+        check_send_destination(destination)
+        temp_queue = None
+        reply_to = frame.get("reply-to")
+        if reply_to is not None and reply_to.startswith("/temp-queue/"):
+            temp_queue = reply_to
+        properties = properties_from_send(frame.headers)
+        exchange, routing_key = routing_pair(destination, self.settings.topic_exchange)
+        declare = send_declaration(destination, dict(self._first_headers(frame)))
+        return [
+            Publish(exchange, routing_key, frame.body, properties, declare, temp_queue, _receipt(frame))
+        ]
+
+    @staticmethod
+    def _first_headers(frame: Frame) -> Iterable[tuple[str, str]]:
+        # dict() keeps the last duplicate; STOMP says the first wins.
+        return reversed(frame.headers)
+
+    # -- SUBSCRIBE / UNSUBSCRIBE ------------------------------------------------------------------------
+
+    def _on_subscribe(self, frame: Frame) -> list[Action]:
+        raw = frame.get("destination")
+        if raw is None:
+            raise ProtocolError("Missing destination", "\"SUBSCRIBE\" must include a 'destination' header\n")
+        sub_id = frame.get("id")
+        if sub_id is not None and sub_id.startswith("/temp-queue/"):
+            raise ProtocolError("Invalid header", f"Subscription id '{sub_id}' may not start with '/temp-queue/'\n")
+        key = sub_id if sub_id is not None else "Q_" + raw
+        if key in self.subscriptions:
+            tag = "T_" + sub_id if sub_id is not None else key
+            raise ProtocolError("Duplicated subscription identifier", f"A subscription identified by '{tag}' already exists.")
+        if len(self.subscriptions) >= self.settings.max_subscriptions:
+            raise ProtocolError(
+                "Too many subscriptions",
+                f"A session may hold at most {self.settings.max_subscriptions} subscriptions "
+                "(setting --max-subscriptions)\n",
+            )
+        ack = frame.get("ack", "auto") or "auto"
+        if ack not in ACK_MODES:
+            raise ProtocolError("Invalid header", f"'ack' must be auto, client or client-individual, got {ack!r}\n")
+        headers = dict(self._first_headers(frame))
+        destination = parse_destination(raw)
+        plan = subscription_plan(destination, headers, sub_id, self.settings.topic_exchange)
+        prefetch = headers.get("prefetch-count")
+        prefetch_count = None
+        if prefetch is not None:
+            try:
+                prefetch_count = int(prefetch)
+            except ValueError:
+                prefetch_count = -1
+            if prefetch_count < 0 or prefetch_count > 65535:
+                raise ProtocolError("Invalid header", f"'prefetch-count' must be an integer 0..65535, got {prefetch!r}\n")
+        consumer_arguments: dict[str, object] = {}
+        if "x-priority" in headers:
+            try:
+                consumer_arguments["x-priority"] = int(headers["x-priority"])
+            except ValueError:
+                raise ProtocolError("Invalid header", f"'x-priority' must be an integer, got {headers['x-priority']!r}\n")
+        if not self.settings.shared_fanout:
+            plan = SubscriptionPlan(
+                plan.declaration, plan.queue, plan.exchange, plan.binding_key, plan.durable_subscription, False
+            )
+        subscription = Subscription(
+            key=key,
+            id=sub_id,
+            destination=destination,
+            ack=ack,
+            plan=plan,
+            prefetch_count=prefetch_count,
+            consumer_tag="T_" + sub_id if sub_id is not None else key,
+            consumer_arguments=consumer_arguments,
+        )
+        self.subscriptions[key] = subscription
+        return [Subscribe(subscription, _receipt(frame))]
+
+    def _on_unsubscribe(self, frame: Frame) -> list[Action]:
+        sub_id = frame.get("id")
+        raw = frame.get("destination")
+        if sub_id is None and raw is None:
+            raise ProtocolError("Missing destination or id", "UNSUBSCRIBE must include a 'destination' or 'id' header")
+        key = sub_id if sub_id is not None else "Q_" + (raw or "")
+        subscription = self.subscriptions.pop(key, None)
+        if subscription is None:
+            what = f"id='{sub_id}'" if sub_id is not None else f"destination='{raw}'"
+            raise ProtocolError(
+                "No subscription found",
+                f'UNSUBSCRIBE must refer to an existing subscription.\nSubscription to "{what}" not found.\n',
+            )
+        for ack_id in subscription.pending:
+            self._ack_index.pop(ack_id, None)
+        delete_queue = None
+        if sub_id is not None:
+            delete_queue = durable_unsubscribe_queue(subscription.destination, dict(self._first_headers(frame)), sub_id)
+        return [Unsubscribe(subscription, delete_queue, _receipt(frame))]
+
+    # -- ACK / NACK -----------------------------------------------------------------------------------
+
+    def _on_ack(self, frame: Frame) -> list[Action]:
+        return self._acknowledge(frame, nack=False)
+
+    def _on_nack(self, frame: Frame) -> list[Action]:
+        return self._acknowledge(frame, nack=True)
+
+    def _acknowledge(self, frame: Frame, *, nack: bool) -> list[Action]:
+        header = "id" if self.version == "1.2" else "message-id"
+        ack_id = frame.get(header)
+        key = self._ack_index.get(ack_id) if ack_id is not None else None
+        subscription = self.subscriptions.get(key) if key is not None else None
+        if ack_id is None or subscription is None or ack_id not in subscription.pending:
+            raise ProtocolError("Invalid header", f'"{frame.command}" must include a valid "{header}" header\n')
+        if subscription.ack == "client":
+            # Cumulative: this message and every earlier one of the same subscription.
+            tags = []
+            for pending_id in list(subscription.pending):
+                tags.append(subscription.pending.pop(pending_id))
+                self._ack_index.pop(pending_id, None)
+                if pending_id == ack_id:
+                    break
+        else:
+            tags = [subscription.pending.pop(ack_id)]
+            self._ack_index.pop(ack_id, None)
+        requeue = frame.get("requeue", "true") != "false"
+        return [Ack(subscription, tuple(tags), nack, requeue, _receipt(frame))]
+
+    # -- transactions -----------------------------------------------------------------------------------
+
+    def _transaction_id(self, frame: Frame) -> str:
+        transaction = frame.get("transaction")
+        if transaction is None:
+            raise ProtocolError("Missing transaction", f"\"{frame.command}\" must include a 'transaction' header\n")
+        return transaction
+
+    def _on_begin(self, frame: Frame) -> list[Action]:
+        transaction = self._transaction_id(frame)
+        if transaction in self.transactions:
+            raise ProtocolError("Bad transaction", f'Transaction "{transaction}" has already begun\n')
+        if len(self.transactions) >= self.settings.max_transactions:
+            raise ProtocolError(
+                "Too many transactions",
+                f"A session may hold at most {self.settings.max_transactions} open transactions "
+                "(setting --max-transactions)\n",
+            )
+        self.transactions[transaction] = []
+        return self._receipt_only(frame)
+
+    def _buffer(self, transaction: str, frame: Frame) -> list[Action]:
+        buffered = self.transactions.get(transaction)
+        if buffered is None:
+            raise ProtocolError("Bad transaction", f'Invalid transaction identifier: "{transaction}"\n')
+        if len(buffered) >= self.settings.max_transaction_frames:
+            raise ProtocolError(
+                "Transaction too large",
+                f"A transaction may buffer at most {self.settings.max_transaction_frames} frames "
+                "(setting --max-transaction-frames)\n",
+            )
+        # Validate now, so that a bad frame fails where the client sent it, not at COMMIT.
+        if frame.command == "SEND":
+            raw = frame.get("destination")
+            if raw is None:
+                raise ProtocolError("Missing destination", "\"SEND\" must include a 'destination' header\n")
+            check_send_destination(parse_destination(raw))
+            properties_from_send(frame.headers)
+        buffered.append(Frame(frame.command, tuple((k, v) for k, v in frame.headers if k not in ("transaction", "receipt")), frame.body))
+        return self._receipt_only(frame)
+
+    def _on_commit(self, frame: Frame) -> list[Action]:
+        transaction = self._transaction_id(frame)
+        buffered = self.transactions.pop(transaction, None)
+        if buffered is None:
+            raise ProtocolError("Bad transaction", f'Invalid transaction identifier: "{transaction}"\n')
+        actions: list[Action] = []
+        for held in buffered:
+            actions.extend(self._dispatch(held))
+        receipt = _receipt(frame)
+        if receipt is not None:
+            actions.append(SendFrame(receipt))
+        return actions
+
+    def _on_abort(self, frame: Frame) -> list[Action]:
+        transaction = self._transaction_id(frame)
+        if self.transactions.pop(transaction, None) is None:
+            raise ProtocolError("Bad transaction", f'Invalid transaction identifier: "{transaction}"\n')
+        return self._receipt_only(frame)
+
+    @staticmethod
+    def _receipt_only(frame: Frame) -> list[Action]:
+        receipt = _receipt(frame)
+        return [SendFrame(receipt)] if receipt is not None else []
+
+    # -- DISCONNECT -------------------------------------------------------------------------------------
+
+    def _on_disconnect(self, frame: Frame) -> list[Action]:
+        self.state = State.CLOSED
+        self.transactions.clear()
+        return [Disconnect(_receipt(frame))]
+
+    # -- deliveries -------------------------------------------------------------------------------------
+
+    def message_id(self, subscription: Subscription, delivery_tag: int) -> str:
+        return f"{subscription.consumer_tag}@@{self.id}@@{delivery_tag}"
+
+    def deliver(self, subscription: Subscription, delivery: Delivery) -> MessageTemplate:
+        """Turn a delivery of this session's own consumer into a template; record what an ACK must name.
+
+        Render it with :meth:`render`.
+        """
+        message_id = self.message_id(subscription, delivery.delivery_tag)
+        if subscription.ack != "auto":
+            subscription.pending[message_id] = delivery.delivery_tag
+            self._ack_index[message_id] = subscription.key
+        return MessageTemplate.from_delivery(delivery, message_id, self.settings.topic_exchange)
+
+    def render(self, subscription: Subscription, template: MessageTemplate) -> bytes:
+        """The MESSAGE frame for this session; ``ack`` is added for 1.2 client ack modes."""
+        ack = None
+        if subscription.ack != "auto" and self.version == "1.2":
+            ack = template.headers[1][1]  # message-id
+        return template.render(self.version, subscription.id, ack)

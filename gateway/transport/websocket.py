@@ -1,0 +1,139 @@
+"""STOMP over WebSocket: ``ws://HOST:PORT/ws`` with the v10/v11/v12.stomp subprotocols.
+
+Plain HTTP GETs on the same port are answered by :mod:`gateway.transport.http` (the page, ``/healthz``,
+``/metrics``). Frames are written synchronously into the connection's write buffer (no await per
+message); :class:`StompConnection` watches that buffer and disconnects a client that falls too far behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from collections.abc import Sequence
+from typing import Any
+
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+from websockets.extensions.permessage_deflate import ServerPerMessageDeflateFactory
+from websockets.http11 import Request, Response
+from websockets.protocol import State
+from websockets.typing import Subprotocol
+
+from gateway.connection import StompConnection, Transport
+from gateway.transport.http import HttpResponder
+
+__all__ = ["SUBPROTOCOLS", "WebSocketTransport", "select_subprotocol", "serve_websocket"]
+
+logger = logging.getLogger(__name__)
+
+#: Highest first: the highest version the client offers wins.
+SUBPROTOCOLS = (Subprotocol("v12.stomp"), Subprotocol("v11.stomp"), Subprotocol("v10.stomp"))
+WS_PATH = "/ws"
+_EOL = b"\n"
+
+
+def select_subprotocol(connection: ServerConnection, offered: Sequence[Subprotocol]) -> Subprotocol | None:
+    """The highest STOMP subprotocol offered; a client offering none is accepted too (as Web-STOMP does)."""
+    for subprotocol in SUBPROTOCOLS:
+        if subprotocol in offered:
+            return subprotocol
+    return None
+
+
+class WebSocketTransport(Transport):
+    """Writes frames as WebSocket messages: text when the frame is UTF-8, binary otherwise."""
+
+    __slots__ = ("ws",)
+
+    def __init__(self, ws: ServerConnection) -> None:
+        self.ws = ws
+
+    def write(self, data: bytes, text: bool) -> None:
+        ws = self.ws
+        if ws.protocol.state is not State.OPEN:
+            return
+        if text:
+            ws.protocol.send_text(data)
+        else:
+            ws.protocol.send_binary(data)
+        ws.send_data()
+
+    def write_heartbeat(self) -> None:
+        self.write(_EOL, True)
+
+    @property
+    def buffered(self) -> int:
+        transport = self.ws.transport
+        return transport.get_write_buffer_size() if transport is not None else 0
+
+    async def drain(self) -> None:
+        if self.ws.protocol.state is State.OPEN:
+            await self.ws.drain()
+
+    async def close(self) -> None:
+        await self.ws.close()
+
+    def abort(self) -> None:
+        if self.ws.transport is not None:
+            self.ws.transport.abort()
+
+
+async def serve_websocket(gateway: Any, http: HttpResponder) -> Server:
+    """Start the WebSocket + HTTP listener of ``gateway`` (a :class:`gateway.server.Gateway`)."""
+    config = gateway.config
+
+    async def handler(ws: ServerConnection) -> None:
+        peer = "%s:%s" % ws.remote_address[:2] if ws.remote_address else "?"
+        connection = StompConnection(
+            WebSocketTransport(ws), gateway.broker, gateway.registry, gateway.connection_settings, peer=peer
+        )
+        gateway.connection_opened(connection)
+        try:
+            while True:
+                data = await ws.recv(decode=False)
+                await connection.receive_data(data)
+        except ConnectionClosed:
+            pass
+        finally:
+            await connection.connection_lost()
+            gateway.connection_closed(connection)
+
+    def process_request(ws: ServerConnection, request: Request) -> Response | None:
+        path = request.path.split("?", 1)[0]
+        if path == WS_PATH and "upgrade" in request.headers.get("Connection", "").lower():
+            return None
+        return http.respond(request)
+
+    ssl_context = None
+    if config.certfile:
+        ssl_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ssl_context.load_cert_chain(config.certfile, config.keyfile)
+    origins: list[str | None] | None = None
+    if config.allowed_origins:
+        origins = [*config.allowed_origins, None]
+    extensions = None
+    compression: str | None = None
+    if config.compression:
+        extensions = [
+            ServerPerMessageDeflateFactory(
+                server_max_window_bits=12, client_max_window_bits=12, compress_settings={"memLevel": 5}
+            )
+        ]
+    return await serve(
+        handler,
+        config.host,
+        config.port,
+        origins=origins,  # type: ignore[arg-type]
+        subprotocols=list(SUBPROTOCOLS),
+        select_subprotocol=select_subprotocol,
+        compression=compression,
+        extensions=extensions,
+        process_request=process_request,
+        server_header=None,
+        max_size=config.max_frame_size + 4096,
+        ping_interval=None,  # STOMP heart-beats do this job; browsers can't see WebSocket pings anyway
+        max_queue=16,
+        write_limit=2**16,
+        ssl=ssl_context,
+        reuse_port=getattr(config, "reuse_port", False) or None,
+    )
