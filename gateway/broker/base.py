@@ -83,7 +83,9 @@ class BrokerError(Exception):
     ``code`` is the AMQP reply code (404, 403, 406, 405, ...), ``name`` the AMQP reply name in lower case
     (``not_found``, ``access_refused``, ``precondition_failed``, ``resource_locked``) and ``text`` the
     broker's explanation without the name prefix, e.g. ``no exchange 'x' in vhost '/'``. After a
-    BrokerError raised by a channel operation, that channel is closed.
+    BrokerError raised by a channel operation, that channel is closed (except :class:`PublishNacked`:
+    a nack leaves the channel open). On a closed channel ack/nack/cancel do nothing and the other
+    methods raise :class:`ChannelClosed`.
     """
 
     def __init__(self, code: int, name: str, text: str) -> None:

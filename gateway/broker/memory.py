@@ -5,8 +5,9 @@ process: the default, ``direct``, ``fanout`` and ``topic`` exchanges (``amq.dire
 ``amq.topic`` pre-declared), queues with the ``durable`` / ``exclusive`` / ``auto_delete`` flags and the
 ``x-message-ttl``, ``x-max-length``, ``x-overflow``, ``x-dead-letter-exchange``,
 ``x-dead-letter-routing-key`` and ``x-expires`` arguments, competing consumers with a per-consumer
-prefetch, acknowledgements by delivery tag, and publisher confirms. Errors use RabbitMQ's reply codes and
-texts, so a client sees the same ERROR frame whichever broker stands behind the gateway.
+prefetch, acknowledgements by delivery tag (a requeued message goes back to its original place, flagged
+``redelivered``), dead-lettering with ``x-death`` headers, and publisher confirms. Errors use RabbitMQ's
+reply codes and texts, so a client sees the same ERROR frame whichever broker stands behind the gateway.
 
 Everything lives in memory: ``durable`` is remembered (a redeclare must match it) but nothing survives a
 restart of the process, nor :meth:`MemoryBroker.close` followed by :meth:`MemoryBroker.start`.
@@ -15,7 +16,7 @@ Where it differs from RabbitMQ, on purpose:
 
 * An exclusive queue is owned by the *channel* that declared it (RabbitMQ: by the connection) and is
   deleted when that channel closes. Another channel that declares, consumes, binds or deletes it gets
-  ``405 resource_locked``.
+  ``405 resource_locked`` (as does a redeclare with the other ``exclusive`` flag, like RabbitMQ).
 * Deliveries are handed to consumers from a callback the event loop runs soon after the publish (never
   from inside :meth:`MemoryChannel.publish`); one pass delivers everything pending on every queue.
   ``x-max-length`` / ``x-overflow`` count the messages that wait for that pass only as far as consumers
@@ -1012,7 +1013,9 @@ class MemoryChannel(Channel):
     """A channel of :class:`MemoryBroker`. Every :class:`BrokerError` a method raises (except
     :class:`PublishNacked`) has closed the channel: its unacknowledged deliveries went back to their queues,
     its consumers were cancelled, its exclusive queues deleted, and ``on_close`` is called soon after
-    (from the event loop, never from inside the failing call).
+    (from the event loop, never from inside the failing call). On a closed channel the ``async`` methods
+    raise :class:`ChannelClosed`, while :meth:`ack`, :meth:`nack` and :meth:`cancel` do nothing: closing
+    already requeued and cancelled everything. Consumer callbacks may call :meth:`ack` / :meth:`nack`.
     """
 
     def __init__(self, broker: MemoryBroker, vhost: _VHost, principal: MemoryPrincipal) -> None:

@@ -463,7 +463,6 @@ class TestDeliveryBackend:
         assert delivery.properties.headers.get("x-extra") == "v"
 
 
-@pytest.mark.rabbitmq_only("the embedded broker has no x-overflow=reject-publish, so it never nacks a publish")
 async def test_broker_nack_becomes_an_error_naming_the_receipt(
     connected: StompClient, backdoor: Channel, unique: str
 ) -> None:
