@@ -51,8 +51,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         level=getattr(logging, config.log_level.upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    logging.getLogger("aiormq").setLevel(max(logging.WARNING, logging.getLogger().level))
-    logging.getLogger("aio_pika").setLevel(max(logging.WARNING, logging.getLogger().level))
+    # The gateway reports broker trouble itself, once and in its own words; the AMQP libraries'
+    # tracebacks are for debugging.
+    quiet = logging.DEBUG if config.log_level.upper() == "DEBUG" else logging.CRITICAL
+    logging.getLogger("aiormq").setLevel(quiet)
+    logging.getLogger("aio_pika").setLevel(quiet)
     try:
         import uvloop
 

@@ -364,7 +364,7 @@ class _Pooled:
 
     @property
     def is_open(self) -> bool:
-        return not self.connection.is_closed and not self.underlay.is_closed
+        return _alive(self.connection)
 
 
 class AmqpBroker(Broker):
@@ -389,7 +389,7 @@ class AmqpBroker(Broker):
 
     @property
     def is_available(self) -> bool:
-        return self._monitor is not None and not self._monitor.is_closed
+        return _alive(self._monitor)
 
     async def _connect(self, url: str) -> aio_pika.abc.AbstractConnection:
         try:
@@ -416,14 +416,16 @@ class AmqpBroker(Broker):
         """Keep the monitor connection up, reconnecting with back-off (0.5 s doubling to 30 s)."""
         delay = 0.5
         while not self._closing:
-            monitor = self._monitor
-            if monitor is not None and not monitor.is_closed:
+            if _alive(self._monitor):
                 delay = 0.5
                 await asyncio.sleep(0.5)
                 continue
             logger.warning("RabbitMQ connection lost; reconnecting in %.1f s", delay)
             await asyncio.sleep(delay)
             try:
+                if self._monitor is not None:
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(self._monitor.close(), 1)
                 self._monitor = await self._connect(self.url)
                 logger.info("RabbitMQ connection restored")
             except BrokerError as exc:
@@ -492,6 +494,14 @@ class AmqpBroker(Broker):
         for connection in connections:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(connection.close(), 5)
+
+
+def _alive(connection: aio_pika.abc.AbstractConnection | None) -> bool:
+    """aio-pika marks a connection closed only when close() is called; the transport knows sooner."""
+    if connection is None or connection.is_closed:
+        return False
+    transport = getattr(connection, "transport", None)
+    return transport is not None and not transport.connection.is_closed
 
 
 def _redact(url: str) -> str:

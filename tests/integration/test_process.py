@@ -1,0 +1,153 @@
+"""The command line and the process: flags, exit codes, signals, losing RabbitMQ and getting it back."""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import os
+import signal
+import socket
+import sys
+import time
+from dataclasses import fields
+
+import pytest
+
+from gateway.config import Config, parse_args
+from gateway.server import Gateway
+from tests.conftest import AMQP_URL, make_config, rabbitmq_running
+from tests.stomp_client import open_ws
+from tests.tcp_proxy import TcpProxy
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def run_gateway(*args: str, env: dict[str, str] | None = None) -> asyncio.subprocess.Process:
+    environment = {k: v for k, v in os.environ.items() if k != "AMQP_URL"}
+    environment.update(env or {})
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway", *args, cwd=ROOT, env=environment,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+
+
+def healthz(port: int) -> int:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+    try:
+        conn.request("GET", "/healthz")
+        return conn.getresponse().status
+    finally:
+        conn.close()
+
+
+async def wait_for_port(port: int, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.close()
+            return
+        except OSError:
+            await asyncio.sleep(0.1)
+    raise TimeoutError(f"nothing listens on {port}")
+
+
+class TestCommandLine:
+    async def test_help_documents_every_flag_and_its_variable(self) -> None:
+        process = await run_gateway("--help")
+        out, _ = await asyncio.wait_for(process.communicate(), 30)
+        assert process.returncode == 0
+        text = out.decode()
+        for f in fields(Config):
+            assert f.metadata["flag"] in text
+            assert f.metadata["env"] in text
+
+    def test_flags_win_over_environment(self) -> None:
+        config = parse_args(["--port", "9000"], {"PORT": "9100", "AMQP_URL": "amqp://u:p@h:1/", "GATEWAY_ALLOWED_ORIGINS": "https://a,https://b"})
+        assert config.port == 9000
+        assert config.broker == "rabbitmq"
+        assert config.allowed_origins == ["https://a", "https://b"]
+
+    def test_no_amqp_url_means_the_embedded_broker(self) -> None:
+        assert parse_args([], {}).broker == "memory"
+
+    async def test_unreachable_rabbitmq_is_one_line_and_exit_1(self) -> None:
+        dead = free_port()
+        process = await run_gateway("--amqp-url", f"amqp://guest:guest@127.0.0.1:{dead}/", "--port", "0")
+        out, err = await asyncio.wait_for(process.communicate(), 30)
+        assert process.returncode == 1
+        lines = err.decode().strip().splitlines()
+        assert len(lines) == 1, lines
+        assert "cannot reach RabbitMQ" in lines[0]
+
+    @pytest.mark.parametrize("backend", ["memory", "rabbitmq"])
+    async def test_sigterm_shuts_down_cleanly(self, backend: str) -> None:
+        if backend == "rabbitmq" and not rabbitmq_running():
+            pytest.skip("RabbitMQ is not running")
+        port = free_port()
+        args = ["--port", str(port)]
+        args += ["--amqp-url", AMQP_URL] if backend == "rabbitmq" else ["--broker", "memory"]
+        process = await run_gateway(*args)
+        try:
+            await wait_for_port(port)
+            client = await open_ws(f"ws://127.0.0.1:{port}/ws")
+            await client.connect()
+            process.send_signal(signal.SIGTERM)
+            await client.wait_closed(10)
+            await asyncio.wait_for(process.wait(), 15)
+            assert process.returncode == 0
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+
+
+@pytest.mark.rabbitmq_only("the embedded broker lives in the gateway process and cannot be cut off from it")
+async def test_losing_rabbitmq_and_getting_it_back(backend: str, unique: str) -> None:
+    proxy = TcpProxy("127.0.0.1", 5672)
+    await proxy.start()
+    url = AMQP_URL.replace(":5672", f":{proxy.port}")
+    gateway = Gateway(make_config("rabbitmq", amqp_url=url))
+    await gateway.start()
+    assert gateway.port is not None
+    try:
+        client = await open_ws(f"ws://127.0.0.1:{gateway.port}/ws")
+        await client.connect()
+        await client.send(b"SUBSCRIBE\nid:1\ndestination:/topic/cut-" + unique.encode() + b"\nreceipt:r\n\n\x00")
+        await client.receipt("r")
+        assert await asyncio.to_thread(healthz, gateway.port) == 200
+
+        await proxy.cut()
+        error = await client.receive_command("ERROR", timeout=10)
+        assert error.get("message")
+        await client.wait_closed()
+        deadline = time.monotonic() + 10
+        while await asyncio.to_thread(healthz, gateway.port) != 503:
+            assert time.monotonic() < deadline, "/healthz should answer 503 while RabbitMQ is unreachable"
+            await asyncio.sleep(0.2)
+        refused = await open_ws(f"ws://127.0.0.1:{gateway.port}/ws")
+        await refused.send(b"CONNECT\naccept-version:1.2\n\n\x00")
+        assert (await refused.receive_command("ERROR", timeout=15)).get("message")
+        await refused.close()
+
+        await proxy.restore()
+        deadline = time.monotonic() + 20
+        while await asyncio.to_thread(healthz, gateway.port) != 200:
+            assert time.monotonic() < deadline, "the gateway should reconnect with back-off"
+            await asyncio.sleep(0.2)
+        again = await open_ws(f"ws://127.0.0.1:{gateway.port}/ws")
+        await again.connect()
+        await again.send(b"SUBSCRIBE\nid:1\ndestination:/topic/cut-" + unique.encode() + b"\nreceipt:r\n\n\x00")
+        await again.receipt("r")
+        await again.send(b"SEND\ndestination:/topic/cut-" + unique.encode() + b"\n\nback\x00")
+        assert (await again.receive_command("MESSAGE")).body == b"back"
+        await again.close()
+    finally:
+        await gateway.stop()
+        await proxy.cut()
