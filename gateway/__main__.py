@@ -6,7 +6,8 @@ import asyncio
 import logging
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
 
 from gateway.broker.base import BrokerError
 from gateway.config import Config, parse_args
@@ -23,7 +24,9 @@ async def run(config: Config) -> int:
         print(f"stomp-gateway: {error.text}", file=sys.stderr)
         return 1
     except OSError as error:
-        print(f"stomp-gateway: cannot listen on {config.host}:{config.port}: {error.strerror}", file=sys.stderr)
+        print(
+            f"stomp-gateway: cannot listen on {config.host}:{config.port}: {error.strerror}", file=sys.stderr
+        )
         await gateway.broker.close()
         return 1
     stop = asyncio.Event()
@@ -35,7 +38,12 @@ async def run(config: Config) -> int:
     host = config.host if config.host not in ("0.0.0.0", "::") else "127.0.0.1"
     logging.getLogger("gateway").info(
         "serving %s://%s:%s/ (STOMP at %s://%s:%s/ws%s) with the %s broker",
-        scheme, host, gateway.port, ws_scheme, host, gateway.port,
+        scheme,
+        host,
+        gateway.port,
+        ws_scheme,
+        host,
+        gateway.port,
         f", TCP STOMP on port {gateway.tcp_port}" if gateway.tcp_port else "",
         gateway.broker.kind,
     )
@@ -56,6 +64,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     quiet = logging.DEBUG if config.log_level.upper() == "DEBUG" else logging.CRITICAL
     logging.getLogger("aiormq").setLevel(quiet)
     logging.getLogger("aio_pika").setLevel(quiet)
+    runner: Callable[[Coroutine[Any, Any, int]], int]
     try:
         import uvloop
 

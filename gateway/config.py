@@ -29,7 +29,10 @@ class Config:
     host: str = _setting("127.0.0.1", "--host", "GATEWAY_HOST", "address to listen on")
     port: int = _setting(8181, "--port", "PORT", "WebSocket/HTTP port (ws://HOST:PORT/ws)")
     tcp_port: int | None = _setting(
-        None, "--tcp-port", "GATEWAY_TCP_PORT", "also serve plain STOMP over TCP on this port (61613 is usual)"
+        None,
+        "--tcp-port",
+        "GATEWAY_TCP_PORT",
+        "also serve plain STOMP over TCP on this port (61613 is usual)",
     )
     broker: str = _setting(
         "auto",
@@ -39,13 +42,20 @@ class Config:
         choices=["auto", "rabbitmq", "memory"],
     )
     amqp_url: str | None = _setting(
-        None, "--amqp-url", "AMQP_URL", "RabbitMQ URL, e.g. amqp://guest:guest@127.0.0.1:5672/ (selects RabbitMQ)"
+        None,
+        "--amqp-url",
+        "AMQP_URL",
+        "RabbitMQ URL, e.g. amqp://guest:guest@127.0.0.1:5672/ (selects RabbitMQ)",
     )
-    default_login: str = _setting("guest", "--default-login", "GATEWAY_DEFAULT_LOGIN", "login for CONNECT without one")
+    default_login: str = _setting(
+        "guest", "--default-login", "GATEWAY_DEFAULT_LOGIN", "login for CONNECT without one"
+    )
     default_passcode: str = _setting(
         "guest", "--default-passcode", "GATEWAY_DEFAULT_PASSCODE", "passcode for CONNECT without a login"
     )
-    default_vhost: str = _setting("/", "--default-vhost", "GATEWAY_DEFAULT_VHOST", "vhost for CONNECT without host")
+    default_vhost: str = _setting(
+        "/", "--default-vhost", "GATEWAY_DEFAULT_VHOST", "vhost for CONNECT without host"
+    )
     allowed_origins: list[str] = _setting(
         [],
         "--allowed-origin",
@@ -54,14 +64,22 @@ class Config:
         "clients that send no Origin are always accepted",
         action="append",
     )
-    certfile: str | None = _setting(None, "--certfile", "GATEWAY_CERTFILE", "TLS certificate (PEM) for wss:// and https://")
+    certfile: str | None = _setting(
+        None, "--certfile", "GATEWAY_CERTFILE", "TLS certificate (PEM) for wss:// and https://"
+    )
     keyfile: str | None = _setting(None, "--keyfile", "GATEWAY_KEYFILE", "TLS private key (PEM)")
     compression: bool = _setting(
-        False, "--compression", "GATEWAY_COMPRESSION", "offer permessage-deflate (costs CPU and ~50 KiB per connection)",
+        False,
+        "--compression",
+        "GATEWAY_COMPRESSION",
+        "offer permessage-deflate (costs CPU and ~50 KiB per connection)",
         kind="bool",
     )
     max_frame_size: int = _setting(
-        4 * 1024 * 1024, "--max-frame-size", "GATEWAY_MAX_FRAME_SIZE", "largest STOMP frame after CONNECT, bytes"
+        4 * 1024 * 1024,
+        "--max-frame-size",
+        "GATEWAY_MAX_FRAME_SIZE",
+        "largest STOMP frame after CONNECT, bytes",
     )
     max_frame_size_unauthenticated: int = _setting(
         64 * 1024,
@@ -71,7 +89,10 @@ class Config:
     )
     max_headers: int = _setting(100, "--max-headers", "GATEWAY_MAX_HEADERS", "most headers in one frame")
     max_header_line: int = _setting(
-        8 * 1024, "--max-header-line", "GATEWAY_MAX_HEADER_LINE", "longest header line (and command line), bytes"
+        8 * 1024,
+        "--max-header-line",
+        "GATEWAY_MAX_HEADER_LINE",
+        "longest header line (and command line), bytes",
     )
     max_subscriptions: int = _setting(
         1000, "--max-subscriptions", "GATEWAY_MAX_SUBSCRIPTIONS", "most subscriptions one session may hold"
@@ -80,7 +101,10 @@ class Config:
         100, "--max-transactions", "GATEWAY_MAX_TRANSACTIONS", "most open transactions in one session"
     )
     max_transaction_frames: int = _setting(
-        10_000, "--max-transaction-frames", "GATEWAY_MAX_TRANSACTION_FRAMES", "most frames buffered in one transaction"
+        10_000,
+        "--max-transaction-frames",
+        "GATEWAY_MAX_TRANSACTION_FRAMES",
+        "most frames buffered in one transaction",
     )
     max_outbound_buffer: int = _setting(
         4 * 1024 * 1024,
@@ -89,18 +113,34 @@ class Config:
         "bytes queued for one slow client before it is disconnected with an ERROR",
     )
     max_inbound_frames: int = _setting(
-        64, "--max-inbound-frames", "GATEWAY_MAX_INBOUND_FRAMES", "parsed frames waiting for the broker before reading pauses"
+        64,
+        "--max-inbound-frames",
+        "GATEWAY_MAX_INBOUND_FRAMES",
+        "parsed frames waiting for the broker before reading pauses",
     )
-    login_timeout: float = _setting(10.0, "--login-timeout", "GATEWAY_LOGIN_TIMEOUT", "seconds to send CONNECT")
+    login_timeout: float = _setting(
+        10.0, "--login-timeout", "GATEWAY_LOGIN_TIMEOUT", "seconds to send CONNECT"
+    )
     heartbeat_min: int = _setting(
-        1000, "--heartbeat-min", "GATEWAY_HEARTBEAT_MIN", "smallest heart-beat interval the server agrees to, ms"
+        1000,
+        "--heartbeat-min",
+        "GATEWAY_HEARTBEAT_MIN",
+        "smallest heart-beat interval the server agrees to, ms",
     )
     heartbeat_max: int = _setting(
-        600_000, "--heartbeat-max", "GATEWAY_HEARTBEAT_MAX", "largest heart-beat interval the server agrees to, ms"
+        600_000,
+        "--heartbeat-max",
+        "GATEWAY_HEARTBEAT_MAX",
+        "largest heart-beat interval the server agrees to, ms",
     )
-    topic_exchange: str = _setting("amq.topic", "--topic-exchange", "GATEWAY_TOPIC_EXCHANGE", "exchange behind /topic")
+    topic_exchange: str = _setting(
+        "amq.topic", "--topic-exchange", "GATEWAY_TOPIC_EXCHANGE", "exchange behind /topic"
+    )
     sessions_per_connection: int = _setting(
-        500, "--sessions-per-connection", "GATEWAY_SESSIONS_PER_CONNECTION", "STOMP sessions sharing one AMQP connection"
+        500,
+        "--sessions-per-connection",
+        "GATEWAY_SESSIONS_PER_CONNECTION",
+        "STOMP sessions sharing one AMQP connection",
     )
     shared_fanout: bool = _setting(
         True,
@@ -110,13 +150,21 @@ class Config:
         kind="bool",
     )
     with_stock_daemon: bool = _setting(
-        False, "--with-stock-daemon", "GATEWAY_WITH_STOCK_DAEMON", "run the stock price daemon in this process",
+        False,
+        "--with-stock-daemon",
+        "GATEWAY_WITH_STOCK_DAEMON",
+        "run the stock price daemon in this process",
         kind="bool",
     )
     web_root: str | None = _setting(
-        None, "--web-root", "GATEWAY_WEB_ROOT", "folder served at / (default: the bundled ticker page; 'none' disables)"
+        None,
+        "--web-root",
+        "GATEWAY_WEB_ROOT",
+        "folder served at / (default: the bundled ticker page; 'none' disables)",
     )
-    server_name: str = _setting("stomp-ws-gateway/0.1", "--server-name", "GATEWAY_SERVER_NAME", "CONNECTED server header")
+    server_name: str = _setting(
+        "stomp-ws-gateway/0.1", "--server-name", "GATEWAY_SERVER_NAME", "CONNECTED server header"
+    )
     log_level: str = _setting("INFO", "--log-level", "LOG_LEVEL", "DEBUG, INFO, WARNING or ERROR")
 
 

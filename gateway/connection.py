@@ -119,6 +119,7 @@ class StompConnection:
         self._declared: set[str] = set()
         self._temp_queues: dict[str, str] = {}
         self._pending: set[asyncio.Future[None]] = set()
+        self._background: set[asyncio.Future[Any]] = set()
         self._tasks = [
             asyncio.create_task(self._process(), name=f"stomp-process-{peer}"),
             asyncio.create_task(self._login_timer(), name=f"stomp-login-{peer}"),
@@ -159,7 +160,9 @@ class StompConnection:
             pass
         except Exception:
             logger.exception("session %s failed", self.session.id)
-            await self._run(self.session.fail(ProtocolError("Internal error", "The gateway failed; see its log.\n")))
+            await self._run(
+                self.session.fail(ProtocolError("Internal error", "The gateway failed; see its log.\n"))
+            )
 
     async def _run(self, actions: list[Action]) -> None:
         for action in actions:
@@ -211,8 +214,16 @@ class StompConnection:
             f"The client fell more than {limit} bytes behind (setting --max-outbound-buffer); "
             "unacknowledged messages go back to their queues.\n",
         )
-        logger.warning("%s: disconnecting slow client (%d bytes buffered)", self.peer, self.transport.buffered)
-        asyncio.ensure_future(self._run(self.session.fail(error)))
+        logger.warning(
+            "%s: disconnecting slow client (%d bytes buffered)", self.peer, self.transport.buffered
+        )
+        self._spawn(self._run(self.session.fail(error)))
+
+    def _spawn(self, coro: Any) -> None:
+        """Run ``coro`` in the background, keeping a reference until it ends."""
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     # -- timers -----------------------------------------------------------------------------------------
 
@@ -284,7 +295,7 @@ class StompConnection:
 
     def _channel_closed(self, error: BrokerError) -> None:
         if not self._closing:
-            asyncio.ensure_future(self._fail(error))
+            self._spawn(self._fail(error))
 
     # -- SEND -------------------------------------------------------------------------------------------
 
@@ -303,7 +314,9 @@ class StompConnection:
                 self._declared.add(declaration.name)
             if action.temp_queue is not None:
                 action.properties.reply_to = await self._temp_queue(channel, action.temp_queue)
-            future = channel.start_publish(action.exchange, action.routing_key, action.body, action.properties)
+            future = channel.start_publish(
+                action.exchange, action.routing_key, action.body, action.properties
+            )
         except BrokerError as error:
             await self._fail(error, action.receipt)
             return
@@ -326,11 +339,13 @@ class StompConnection:
             detail = "The broker did not accept a message (basic.nack)"
             if receipt_id is not None:
                 detail += f" sent with receipt '{receipt_id}'"
-            asyncio.ensure_future(
-                self._run(self.session.fail(ProtocolError("Message rejected", detail + "\n", receipt_id=receipt_id)))
+            self._spawn(
+                self._run(
+                    self.session.fail(ProtocolError("Message rejected", detail + "\n", receipt_id=receipt_id))
+                )
             )
         elif isinstance(error, BrokerError):
-            asyncio.ensure_future(self._fail(error, receipt))
+            self._spawn(self._fail(error, receipt))
 
     async def _temp_queue(self, channel: Channel, name: str) -> str:
         queue = self._temp_queues.get(name)
@@ -367,7 +382,7 @@ class StompConnection:
 
         def on_error(error: BrokerError) -> None:
             if not self._closing:
-                asyncio.ensure_future(self._fail(error))
+                self._spawn(self._fail(error))
 
         return Sink(on_message, on_error)
 

@@ -55,7 +55,9 @@ class _Group:
 
     def deliver(self, delivery: Delivery) -> None:
         self.count += 1
-        template = MessageTemplate.from_delivery(delivery, f"{self.prefix}{self.count}", self.hub.topic_exchange)
+        template = MessageTemplate.from_delivery(
+            delivery, f"{self.prefix}{self.count}", self.hub.topic_exchange
+        )
         for sink in list(self.sinks):
             try:
                 sink.on_message(template)

@@ -68,11 +68,15 @@ class Gateway:
         )
         self.connections: set[StompConnection] = set()
         self.metrics = CollectorRegistry()
-        self._open_gauge = Gauge("stomp_gateway_connections", "Open client connections", registry=self.metrics)
-        self._opened = Counter("stomp_gateway_connections_opened", "Client connections accepted", registry=self.metrics)
-        Gauge("stomp_gateway_broker_up", "1 while the broker is reachable", registry=self.metrics).set_function(
-            lambda: 1.0 if self.broker.is_available else 0.0
+        self._open_gauge = Gauge(
+            "stomp_gateway_connections", "Open client connections", registry=self.metrics
         )
+        self._opened = Counter(
+            "stomp_gateway_connections_opened", "Client connections accepted", registry=self.metrics
+        )
+        Gauge(
+            "stomp_gateway_broker_up", "1 while the broker is reachable", registry=self.metrics
+        ).set_function(lambda: 1.0 if self.broker.is_available else 0.0)
         self._servers: list[Any] = []
         self._daemon_task: asyncio.Task[None] | None = None
         self._daemon_stop = asyncio.Event()
@@ -103,7 +107,9 @@ class Gateway:
         from gateway.transport.websocket import serve_websocket
 
         await self.broker.start()
-        http = HttpResponder(self._web_root(), lambda: self.broker.is_available, lambda: generate_latest(self.metrics))
+        http = HttpResponder(
+            self._web_root(), lambda: self.broker.is_available, lambda: generate_latest(self.metrics)
+        )
         ws_server = await serve_websocket(self, http)
         self._servers.append(ws_server)
         self.port = ws_server.sockets[0].getsockname()[1]

@@ -27,8 +27,14 @@ def rabbitmq_running() -> bool:
 
 
 def make_config(backend: str, **overrides: object) -> Config:
-    config = Config(host="127.0.0.1", port=0, tcp_port=0, broker=backend,
-                    amqp_url=AMQP_URL if backend == "rabbitmq" else None, web_root=None)
+    config = Config(
+        host="127.0.0.1",
+        port=0,
+        tcp_port=0,
+        broker=backend,
+        amqp_url=AMQP_URL if backend == "rabbitmq" else None,
+        web_root=None,
+    )
     for key, value in overrides.items():
         setattr(config, key, value)
     return config

@@ -10,7 +10,7 @@ from websockets.exceptions import ConnectionClosed
 
 from gateway.stomp.frames import Frame, FrameParser, Limits
 
-__all__ = ["StompClient", "open_ws", "frame"]
+__all__ = ["StompClient", "frame", "open_ws"]
 
 
 def frame(command: str, body: bytes | str = b"", **headers: str) -> Frame:
@@ -23,12 +23,19 @@ def frame(command: str, body: bytes | str = b"", **headers: str) -> Frame:
 class StompClient:
     """Sends frames, receives frames; every receive has a timeout so a test can never hang."""
 
-    def __init__(self, ws: ClientConnection | None = None, *, reader: asyncio.StreamReader | None = None,
-                 writer: asyncio.StreamWriter | None = None) -> None:
+    def __init__(
+        self,
+        ws: ClientConnection | None = None,
+        *,
+        reader: asyncio.StreamReader | None = None,
+        writer: asyncio.StreamWriter | None = None,
+    ) -> None:
         self.ws = ws
         self.reader = reader
         self.writer = writer
-        self.parser = FrameParser(Limits(max_frame_size_unauthenticated=64 * 1024 * 1024, max_frame_size=64 * 1024 * 1024))
+        self.parser = FrameParser(
+            Limits(max_frame_size_unauthenticated=64 * 1024 * 1024, max_frame_size=64 * 1024 * 1024)
+        )
         self.parser.version = "1.2"
         self.parser.authenticated = True
         self.version = "1.2"
@@ -83,7 +90,9 @@ class StompClient:
                 f = await asyncio.wait_for(self.frames.get(), timeout)
                 if f.command == "RECEIPT" and f.get("receipt-id") == receipt_id:
                     return f
-                assert f.command != "ERROR", f"ERROR while waiting for receipt {receipt_id}: {f.headers} {f.body!r}"
+                assert f.command != "ERROR", (
+                    f"ERROR while waiting for receipt {receipt_id}: {f.headers} {f.body!r}"
+                )
                 skipped.append(f)
         finally:
             self._stash.extend(skipped)
@@ -123,8 +132,9 @@ class StompClient:
             self.writer.close()
 
 
-async def open_ws(url: str, subprotocols: Sequence[str] | None = ("v12.stomp", "v11.stomp", "v10.stomp"),
-                  **kwargs: object) -> StompClient:
+async def open_ws(
+    url: str, subprotocols: Sequence[str] | None = ("v12.stomp", "v11.stomp", "v10.stomp"), **kwargs: object
+) -> StompClient:
     ws = await connect(url, subprotocols=list(subprotocols) if subprotocols else None, **kwargs)  # type: ignore[arg-type]
     return StompClient(ws)
 

@@ -102,7 +102,9 @@ def _to_properties(props: MessageProperties) -> spec.Basic.Properties:
         expiration=props.expiration,
         message_id=props.message_id,
         timestamp=(
-            datetime.datetime.fromtimestamp(props.timestamp, tz=datetime.UTC) if props.timestamp is not None else None
+            datetime.datetime.fromtimestamp(props.timestamp, tz=datetime.UTC)
+            if props.timestamp is not None
+            else None
         ),
         message_type=props.type,
         user_id=props.user_id,
@@ -224,14 +226,15 @@ class AmqpChannel(Channel):
             await self._call(self._channel.basic_qos(prefetch_count=prefetch_count))
             self._declared_prefetch = prefetch_count
 
-        def on_message(message: aiormq.abc.DeliveredMessage) -> None:
+        async def on_message(message: aiormq.abc.DeliveredMessage) -> None:
             delivery = message.delivery
+            assert isinstance(delivery, spec.Basic.Deliver)
             callback(
                 Delivery(
-                    consumer_tag=delivery.consumer_tag,
-                    delivery_tag=delivery.delivery_tag,
-                    exchange=delivery.exchange,
-                    routing_key=delivery.routing_key,
+                    consumer_tag=delivery.consumer_tag or "",
+                    delivery_tag=delivery.delivery_tag or 0,
+                    exchange=delivery.exchange or "",
+                    routing_key=delivery.routing_key or "",
                     redelivered=bool(delivery.redelivered),
                     body=message.body,
                     properties=_from_properties(message.header.properties),
@@ -270,7 +273,7 @@ class AmqpChannel(Channel):
             result.set_exception(ChannelClosed())
             return result
         ch.delivery_tag += 1  # type: ignore[attr-defined]
-        confirmation: asyncio.Future[Any] = ch.create_future()  # type: ignore[attr-defined]
+        confirmation: asyncio.Future[Any] = ch.create_future()
         ch.confirmations[ch.delivery_tag] = confirmation  # type: ignore[attr-defined]
         frames: list[Any] = [
             spec.Basic.Publish(exchange=exchange, routing_key=routing_key, mandatory=False),
@@ -360,7 +363,9 @@ class _Pooled:
 
     @property
     def underlay(self) -> aiormq.abc.AbstractConnection:
-        return self.connection.transport.connection  # type: ignore[attr-defined, no-any-return]
+        transport = self.connection.transport
+        assert transport is not None
+        return transport.connection
 
     @property
     def is_open(self) -> bool:
@@ -405,8 +410,10 @@ class AmqpBroker(Broker):
             if "Connection.OpenOk" in str(exc):
                 raise VhostNotFound(credentials_from_url(url)[2]) from exc
             raise BrokerUnavailable(f"RabbitMQ at {_redact(url)} refused the connection: {exc}") from exc
-        except (aiormq.exceptions.AMQPError, OSError, asyncio.TimeoutError) as exc:
-            raise BrokerUnavailable(f"cannot reach RabbitMQ at {_redact(url)}: {exc or type(exc).__name__}") from exc
+        except (TimeoutError, aiormq.exceptions.AMQPError, OSError) as exc:
+            raise BrokerUnavailable(
+                f"cannot reach RabbitMQ at {_redact(url)}: {exc or type(exc).__name__}"
+            ) from exc
 
     async def start(self) -> None:
         self._monitor = await self._connect(self.url)

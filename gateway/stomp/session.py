@@ -62,7 +62,19 @@ class State(enum.Enum):
 
 
 CLIENT_COMMANDS = frozenset(
-    {"CONNECT", "STOMP", "SEND", "SUBSCRIBE", "UNSUBSCRIBE", "ACK", "NACK", "BEGIN", "COMMIT", "ABORT", "DISCONNECT"}
+    {
+        "CONNECT",
+        "STOMP",
+        "SEND",
+        "SUBSCRIBE",
+        "UNSUBSCRIBE",
+        "ACK",
+        "NACK",
+        "BEGIN",
+        "COMMIT",
+        "ABORT",
+        "DISCONNECT",
+    }
 )
 
 #: The commands each state accepts. Anything else: "Illegal command" before CONNECT, "Bad command" for an
@@ -209,7 +221,9 @@ def negotiate_heartbeat(value: str | None, minimum: int, maximum: int) -> tuple[
         cx_text, cy_text = value.split(",")
         cx, cy = int(cx_text.strip()), int(cy_text.strip())
     except ValueError:
-        raise ProtocolError("Invalid header", f"'heart-beat' must be two comma-separated integers, got {value!r}\n")
+        raise ProtocolError(
+            "Invalid header", f"'heart-beat' must be two comma-separated integers, got {value!r}\n"
+        ) from None
     if cx < 0 or cy < 0:
         raise ProtocolError("Invalid header", f"'heart-beat' values must not be negative, got {value!r}\n")
     send_every = min(max(cy, minimum), maximum) if cy > 0 else 0
@@ -253,8 +267,11 @@ class MessageTemplate:
     def _tail(self, family: str) -> bytes:
         cached = self._cache.get(family)
         if cached is None:
-            parts = [f"{encode_header_value(k, family)}:{encode_header_value(v, family)}\n" for k, v in self.headers
-                     if k != "content-length"]
+            parts = [
+                f"{encode_header_value(k, family)}:{encode_header_value(v, family)}\n"
+                for k, v in self.headers
+                if k != "content-length"
+            ]
             if self.body:
                 parts.append(f"content-length:{len(self.body)}\n")
             cached = "".join(parts).encode() + b"\n" + self.body + b"\x00"
@@ -348,7 +365,9 @@ class Session:
                 raise ProtocolError("Bad command", f'Could not interpret command "{command}"\n')
             if self.state is State.CONNECTING:
                 raise ProtocolError("Illegal command", "You must log in using CONNECT first")
-            raise ProtocolError("Illegal command", f"'{command}' is not allowed once the session is connected")
+            raise ProtocolError(
+                "Illegal command", f"'{command}' is not allowed once the session is connected"
+            )
         transaction = frame.get("transaction") if command in TRANSACTIONAL else None
         if transaction is not None:
             return self._buffer(transaction, frame)
@@ -417,9 +436,7 @@ class Session:
         properties = properties_from_send(frame.headers)
         exchange, routing_key = routing_pair(destination, self.settings.topic_exchange)
         declare = send_declaration(destination, dict(self._first_headers(frame)))
-        return [
-            Publish(exchange, routing_key, frame.body, properties, declare, temp_queue, _receipt(frame))
-        ]
+        return [Publish(exchange, routing_key, frame.body, properties, declare, temp_queue, _receipt(frame))]
 
     @staticmethod
     def _first_headers(frame: Frame) -> Iterable[tuple[str, str]]:
@@ -434,11 +451,15 @@ class Session:
             raise ProtocolError("Missing destination", "\"SUBSCRIBE\" must include a 'destination' header\n")
         sub_id = frame.get("id")
         if sub_id is not None and sub_id.startswith("/temp-queue/"):
-            raise ProtocolError("Invalid header", f"Subscription id '{sub_id}' may not start with '/temp-queue/'\n")
+            raise ProtocolError(
+                "Invalid header", f"Subscription id '{sub_id}' may not start with '/temp-queue/'\n"
+            )
         key = sub_id if sub_id is not None else "Q_" + raw
         if key in self.subscriptions:
             tag = "T_" + sub_id if sub_id is not None else key
-            raise ProtocolError("Duplicated subscription identifier", f"A subscription identified by '{tag}' already exists.")
+            raise ProtocolError(
+                "Duplicated subscription identifier", f"A subscription identified by '{tag}' already exists."
+            )
         if len(self.subscriptions) >= self.settings.max_subscriptions:
             raise ProtocolError(
                 "Too many subscriptions",
@@ -447,7 +468,9 @@ class Session:
             )
         ack = frame.get("ack", "auto") or "auto"
         if ack not in ACK_MODES:
-            raise ProtocolError("Invalid header", f"'ack' must be auto, client or client-individual, got {ack!r}\n")
+            raise ProtocolError(
+                "Invalid header", f"'ack' must be auto, client or client-individual, got {ack!r}\n"
+            )
         headers = dict(self._first_headers(frame))
         destination = parse_destination(raw)
         plan = subscription_plan(destination, headers, sub_id, self.settings.topic_exchange)
@@ -459,16 +482,25 @@ class Session:
             except ValueError:
                 prefetch_count = -1
             if prefetch_count < 0 or prefetch_count > 65535:
-                raise ProtocolError("Invalid header", f"'prefetch-count' must be an integer 0..65535, got {prefetch!r}\n")
+                raise ProtocolError(
+                    "Invalid header", f"'prefetch-count' must be an integer 0..65535, got {prefetch!r}\n"
+                )
         consumer_arguments: dict[str, object] = {}
         if "x-priority" in headers:
             try:
                 consumer_arguments["x-priority"] = int(headers["x-priority"])
             except ValueError:
-                raise ProtocolError("Invalid header", f"'x-priority' must be an integer, got {headers['x-priority']!r}\n")
+                raise ProtocolError(
+                    "Invalid header", f"'x-priority' must be an integer, got {headers['x-priority']!r}\n"
+                ) from None
         if not self.settings.shared_fanout:
             plan = SubscriptionPlan(
-                plan.declaration, plan.queue, plan.exchange, plan.binding_key, plan.durable_subscription, False
+                plan.declaration,
+                plan.queue,
+                plan.exchange,
+                plan.binding_key,
+                plan.durable_subscription,
+                False,
             )
         subscription = Subscription(
             key=key,
@@ -487,7 +519,9 @@ class Session:
         sub_id = frame.get("id")
         raw = frame.get("destination")
         if sub_id is None and raw is None:
-            raise ProtocolError("Missing destination or id", "UNSUBSCRIBE must include a 'destination' or 'id' header")
+            raise ProtocolError(
+                "Missing destination or id", "UNSUBSCRIBE must include a 'destination' or 'id' header"
+            )
         key = sub_id if sub_id is not None else "Q_" + (raw or "")
         subscription = self.subscriptions.pop(key, None)
         if subscription is None:
@@ -500,7 +534,9 @@ class Session:
             self._ack_index.pop(ack_id, None)
         delete_queue = None
         if sub_id is not None:
-            delete_queue = durable_unsubscribe_queue(subscription.destination, dict(self._first_headers(frame)), sub_id)
+            delete_queue = durable_unsubscribe_queue(
+                subscription.destination, dict(self._first_headers(frame)), sub_id
+            )
         return [Unsubscribe(subscription, delete_queue, _receipt(frame))]
 
     # -- ACK / NACK -----------------------------------------------------------------------------------
@@ -517,7 +553,9 @@ class Session:
         key = self._ack_index.get(ack_id) if ack_id is not None else None
         subscription = self.subscriptions.get(key) if key is not None else None
         if ack_id is None or subscription is None or ack_id not in subscription.pending:
-            raise ProtocolError("Invalid header", f'"{frame.command}" must include a valid "{header}" header\n')
+            raise ProtocolError(
+                "Invalid header", f'"{frame.command}" must include a valid "{header}" header\n'
+            )
         if subscription.ack == "client":
             # Cumulative: this message and every earlier one of the same subscription.
             tags = []
@@ -537,7 +575,9 @@ class Session:
     def _transaction_id(self, frame: Frame) -> str:
         transaction = frame.get("transaction")
         if transaction is None:
-            raise ProtocolError("Missing transaction", f"\"{frame.command}\" must include a 'transaction' header\n")
+            raise ProtocolError(
+                "Missing transaction", f"\"{frame.command}\" must include a 'transaction' header\n"
+            )
         return transaction
 
     def _on_begin(self, frame: Frame) -> list[Action]:
@@ -570,7 +610,13 @@ class Session:
                 raise ProtocolError("Missing destination", "\"SEND\" must include a 'destination' header\n")
             check_send_destination(parse_destination(raw))
             properties_from_send(frame.headers)
-        buffered.append(Frame(frame.command, tuple((k, v) for k, v in frame.headers if k not in ("transaction", "receipt")), frame.body))
+        buffered.append(
+            Frame(
+                frame.command,
+                tuple((k, v) for k, v in frame.headers if k not in ("transaction", "receipt")),
+                frame.body,
+            )
+        )
         return self._receipt_only(frame)
 
     def _on_commit(self, frame: Frame) -> list[Action]:

@@ -37,7 +37,9 @@ TYPES = {
 MAX_STATIC_FILE = 8 * 1024 * 1024
 
 
-def _response(status: http.HTTPStatus, body: bytes, content_type: str, extra: dict[str, str] | None = None) -> Response:
+def _response(
+    status: http.HTTPStatus, body: bytes, content_type: str, extra: dict[str, str] | None = None
+) -> Response:
     headers = Headers()
     headers["Content-Type"] = content_type
     headers["Content-Length"] = str(len(body))
@@ -52,7 +54,9 @@ def _response(status: http.HTTPStatus, body: bytes, content_type: str, extra: di
 class HttpResponder:
     """Answers non-WebSocket requests. ``healthy`` tells whether the broker is reachable."""
 
-    def __init__(self, web_root: Path | None, healthy: Callable[[], bool], metrics: Callable[[], bytes] | None = None):
+    def __init__(
+        self, web_root: Path | None, healthy: Callable[[], bool], metrics: Callable[[], bytes] | None = None
+    ):
         self.web_root = web_root.resolve() if web_root is not None else None
         self.healthy = healthy
         self.metrics = metrics
@@ -62,7 +66,9 @@ class HttpResponder:
         if path == "/healthz":
             if self.healthy():
                 return _response(http.HTTPStatus.OK, b"OK\n", "text/plain; charset=utf-8")
-            return _response(http.HTTPStatus.SERVICE_UNAVAILABLE, b"broker unavailable\n", "text/plain; charset=utf-8")
+            return _response(
+                http.HTTPStatus.SERVICE_UNAVAILABLE, b"broker unavailable\n", "text/plain; charset=utf-8"
+            )
         if path == "/metrics" and self.metrics is not None:
             return _response(http.HTTPStatus.OK, self.metrics(), "text/plain; version=0.0.4; charset=utf-8")
         if path == "/ws":
@@ -86,7 +92,10 @@ class HttpResponder:
         candidate = (self.web_root / relative).resolve()
         if not candidate.is_relative_to(self.web_root) or not candidate.is_file():
             return not_found
-        if any(part.startswith(".") or part == "node_modules" for part in candidate.relative_to(self.web_root).parts):
+        if any(
+            part.startswith(".") or part == "node_modules"
+            for part in candidate.relative_to(self.web_root).parts
+        ):
             return not_found
         if candidate.stat().st_size > MAX_STATIC_FILE:
             return not_found
@@ -95,5 +104,9 @@ class HttpResponder:
             content_type = "application/octet-stream"
         extra = {}
         if content_type.startswith("text/html"):
-            extra = {"X-Frame-Options": "DENY", "Content-Security-Policy": CSP, "Referrer-Policy": "no-referrer"}
+            extra = {
+                "X-Frame-Options": "DENY",
+                "Content-Security-Policy": CSP,
+                "Referrer-Policy": "no-referrer",
+            }
         return _response(http.HTTPStatus.OK, candidate.read_bytes(), content_type, extra)

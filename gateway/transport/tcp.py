@@ -49,7 +49,7 @@ async def serve_tcp(gateway: Any) -> asyncio.Server:
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer_info = writer.get_extra_info("peername")
-        peer = "%s:%s" % peer_info[:2] if peer_info else "?"
+        peer = "{}:{}".format(*peer_info[:2]) if peer_info else "?"
         connection = StompConnection(
             TcpTransport(writer), gateway.broker, gateway.registry, gateway.connection_settings, peer=peer
         )

@@ -83,7 +83,7 @@ async def serve_websocket(gateway: Any, http: HttpResponder) -> Server:
     config = gateway.config
 
     async def handler(ws: ServerConnection) -> None:
-        peer = "%s:%s" % ws.remote_address[:2] if ws.remote_address else "?"
+        peer = "{}:{}".format(*ws.remote_address[:2]) if ws.remote_address else "?"
         connection = StompConnection(
             WebSocketTransport(ws), gateway.broker, gateway.registry, gateway.connection_settings, peer=peer
         )

@@ -56,7 +56,9 @@ class TestCredentials:
         await client.wait_closed()
 
     async def test_unknown_vhost(self, client: StompClient) -> None:
-        await client.send(frame("CONNECT", accept_version="1.2", login="guest", passcode="guest", host="nope"))
+        await client.send(
+            frame("CONNECT", accept_version="1.2", login="guest", passcode="guest", host="nope")
+        )
         error = await client.receive_command("ERROR")
         assert error.get("message") == "Bad CONNECT"
         assert error.body.decode() == "Virtual host 'nope' access denied"
@@ -96,11 +98,12 @@ class TestBeforeConnect:
         assert error.get("message") == "Login timeout"
         await client.wait_closed()
 
-    async def test_pipelined_connect_and_subscribe_in_one_message(self, client: StompClient, unique: str) -> None:
-        data = (
-            frame("CONNECT", accept_version="1.2", host="/").serialize("1.2")
-            + frame("SUBSCRIBE", id="a\\cb", destination=f"/queue/pipe-{unique}", receipt="r1").serialize("1.2")
-        )
+    async def test_pipelined_connect_and_subscribe_in_one_message(
+        self, client: StompClient, unique: str
+    ) -> None:
+        data = frame("CONNECT", accept_version="1.2", host="/").serialize("1.2") + frame(
+            "SUBSCRIBE", id="a\\cb", destination=f"/queue/pipe-{unique}", receipt="r1"
+        ).serialize("1.2")
         await client.send(data)
         await client.receive_command("CONNECTED")
         assert (await client.receive_command("RECEIPT")).get("receipt-id") == "r1"
@@ -141,7 +144,9 @@ class TestHandshake:
 
 def _get(port: int, path: str, *, tls: ssl.SSLContext | None = None) -> http.client.HTTPResponse:
     if tls is not None:
-        conn: http.client.HTTPConnection = http.client.HTTPSConnection("127.0.0.1", port, context=tls, timeout=5)
+        conn: http.client.HTTPConnection = http.client.HTTPSConnection(
+            "127.0.0.1", port, context=tls, timeout=5
+        )
     else:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
     conn.request("GET", path)
@@ -158,7 +163,9 @@ class TestHttp:
 
     async def test_healthz_503_when_the_broker_is_gone(self, backend: str) -> None:
         if backend != "memory":
-            pytest.skip("stopping the shared RabbitMQ would disturb other tests; the memory broker shows the rule")
+            pytest.skip(
+                "stopping the shared RabbitMQ would disturb other tests; the memory broker shows the rule"
+            )
         gw = Gateway(make_config(backend))
         await gw.start()
         try:
@@ -189,9 +196,26 @@ def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     folder = tmp_path_factory.mktemp("tls")
     cert, key = folder / "cert.pem", folder / "key.pem"
     subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
-         "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
-        check=True, capture_output=True,
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
     )
     return cert, key
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 
-import pytest
-
 from gateway.broker.base import Channel, Delivery, MessageProperties
 from gateway.server import Gateway
 from tests.stomp_client import StompClient, frame, open_ws
@@ -71,14 +69,18 @@ class TestDestinations:
         message = await connected.receive_command("MESSAGE")
         assert message.get("destination") == f"/exchange/amq.direct/k{unique}"
 
-    async def test_exchange_without_key_on_fanout(self, connected: StompClient, backdoor: Channel, unique: str) -> None:
+    async def test_exchange_without_key_on_fanout(
+        self, connected: StompClient, backdoor: Channel, unique: str
+    ) -> None:
         await backdoor.declare_exchange(f"fx-{unique}", "fanout", durable=False)
         await subscribe(connected, f"/exchange/fx-{unique}")
         await send(connected, f"/exchange/fx-{unique}", "fan")
         message = await connected.receive_command("MESSAGE")
         assert message.get("destination") == f"/exchange/fx-{unique}"
 
-    async def test_amq_queue_needs_an_existing_queue(self, connected: StompClient, backdoor: Channel, unique: str) -> None:
+    async def test_amq_queue_needs_an_existing_queue(
+        self, connected: StompClient, backdoor: Channel, unique: str
+    ) -> None:
         await backdoor.declare_queue(f"amqq-{unique}", auto_delete=True)
         await subscribe(connected, f"/amq/queue/amqq-{unique}")
         await send(connected, f"/amq/queue/amqq-{unique}", "x")
@@ -94,7 +96,9 @@ class TestDestinations:
     async def test_subscribe_to_missing_exchange_error_arrives_before_close(
         self, connected: StompClient, unique: str
     ) -> None:
-        await connected.send(frame("SUBSCRIBE", destination=f"/exchange/missing-{unique}/k", id="1", receipt="r9"))
+        await connected.send(
+            frame("SUBSCRIBE", destination=f"/exchange/missing-{unique}/k", id="1", receipt="r9")
+        )
         error = await connected.receive_command("ERROR")
         assert error.get("message") == "not_found"
         assert error.body.decode() == f"no exchange 'missing-{unique}' in vhost '/'"
@@ -141,8 +145,13 @@ class TestDestinations:
     async def test_x_queue_name_and_queue_arguments(
         self, connected: StompClient, backdoor: Channel, unique: str
     ) -> None:
-        await subscribe(connected, f"/topic/named-{unique}", x_queue_name=f"named-{unique}", x_max_length="5",
-                        exclusive="false")
+        await subscribe(
+            connected,
+            f"/topic/named-{unique}",
+            x_queue_name=f"named-{unique}",
+            x_max_length="5",
+            exclusive="false",
+        )
         # the named queue exists with those arguments: a passive declare finds it
         assert await backdoor.declare_queue(f"named-{unique}", passive=True) == f"named-{unique}"
 
@@ -179,12 +188,22 @@ class TestDestinations:
 class TestHeaders:
     """Header mapping both ways (reference §c) and escaping."""
 
-    async def test_properties_and_custom_headers_round_trip(self, connected: StompClient, unique: str) -> None:
+    async def test_properties_and_custom_headers_round_trip(
+        self, connected: StompClient, unique: str
+    ) -> None:
         await subscribe(connected, f"/queue/h-{unique}")
         await send(
-            connected, f"/queue/h-{unique}", "{}",
-            content_type="application/json", correlation_id="corr", priority="3", type="t", app_id="app",
-            expiration="60000", amqp_message_id="m-1", x_custom="a:b\\c\nd",
+            connected,
+            f"/queue/h-{unique}",
+            "{}",
+            content_type="application/json",
+            correlation_id="corr",
+            priority="3",
+            type="t",
+            app_id="app",
+            expiration="60000",
+            amqp_message_id="m-1",
+            x_custom="a:b\\c\nd",
         )
         message = await connected.receive_command("MESSAGE")
         assert message.get("content-type") == "application/json"
@@ -219,12 +238,16 @@ class TestHeaders:
         self, connected: StompClient, backdoor: Channel, unique: str
     ) -> None:
         await subscribe(connected, f"/queue/rt-{unique}")
-        await backdoor.publish("", f"rt-{unique}", b"x", MessageProperties(reply_to="my-replies"), confirm=True)
+        await backdoor.publish(
+            "", f"rt-{unique}", b"x", MessageProperties(reply_to="my-replies"), confirm=True
+        )
         assert (await connected.receive_command("MESSAGE")).get("reply-to") == "/reply-queue/my-replies"
 
 
 class TestWebSocketFrames:
-    async def test_binary_body_goes_out_as_a_binary_message(self, connected: StompClient, unique: str) -> None:
+    async def test_binary_body_goes_out_as_a_binary_message(
+        self, connected: StompClient, unique: str
+    ) -> None:
         await subscribe(connected, f"/queue/bin-{unique}")
         body = bytes(range(256))
         await send(connected, f"/queue/bin-{unique}", body)
@@ -240,10 +263,14 @@ class TestWebSocketFrames:
         [raw] = [m for m in connected.raw_messages if m[:7] in (b"MESSAGE", "MESSAGE")]
         assert isinstance(raw, str)
 
-    async def test_frame_split_over_messages_and_frames_sharing_one(self, connected: StompClient, unique: str) -> None:
+    async def test_frame_split_over_messages_and_frames_sharing_one(
+        self, connected: StompClient, unique: str
+    ) -> None:
         await subscribe(connected, f"/queue/split-{unique}")
         data = frame("SEND", "one", destination=f"/queue/split-{unique}").serialize("1.2")
-        data += b"\n\n" + frame("SEND", "two", destination=f"/queue/split-{unique}", receipt="r").serialize("1.2")
+        data += b"\n\n" + frame("SEND", "two", destination=f"/queue/split-{unique}", receipt="r").serialize(
+            "1.2"
+        )
         for i in range(0, len(data), 7):
             await connected.send(data[i : i + 7])
         await connected.receipt("r")
@@ -288,7 +315,9 @@ class TestAcknowledgement:
         assert message.body == b"keep me"
         assert message.get("redelivered") == "true"
 
-    async def test_client_mode_ack_is_cumulative(self, ws_url: str, clients: list[StompClient], unique: str) -> None:
+    async def test_client_mode_ack_is_cumulative(
+        self, ws_url: str, clients: list[StompClient], unique: str
+    ) -> None:
         queue = f"/queue/cum-{unique}"
         c = await connected_client(ws_url, clients)
         await subscribe(c, queue, ack="client")
@@ -315,14 +344,18 @@ class TestAcknowledgement:
         await c.send(frame("ACK", id=first.get("ack") or ""))
         assert (await c.receive_command("MESSAGE")).body == b"m1"
 
-    async def test_one_one_acks_by_message_id(self, ws_url: str, clients: list[StompClient], unique: str) -> None:
+    async def test_one_one_acks_by_message_id(
+        self, ws_url: str, clients: list[StompClient], unique: str
+    ) -> None:
         c = await connected_client(ws_url, clients, "1.1")
         queue = f"/queue/a11-{unique}"
         await subscribe(c, queue, ack="client-individual")
         await send(c, queue, "x")
         message = await c.receive_command("MESSAGE")
         assert message.get("ack") is None
-        await c.send(frame("ACK", message_id=message.get("message-id") or "", subscription="s1", receipt="ok"))
+        await c.send(
+            frame("ACK", message_id=message.get("message-id") or "", subscription="s1", receipt="ok")
+        )
         await c.receive_command("RECEIPT")
 
     async def test_ack_with_unknown_id(self, connected: StompClient) -> None:
@@ -387,7 +420,9 @@ class TestSubscriptions:
         error = await connected.receive_command("ERROR")
         assert error.get("message") == "No subscription found"
 
-    async def test_one_zero_subscription_without_id(self, ws_url: str, clients: list[StompClient], unique: str) -> None:
+    async def test_one_zero_subscription_without_id(
+        self, ws_url: str, clients: list[StompClient], unique: str
+    ) -> None:
         c = await open_ws(ws_url)
         clients.append(c)
         await c.send(b"CONNECT\nlogin:guest\npasscode:guest\n\n\x00")
@@ -439,7 +474,9 @@ class TestReceiptsAndDisconnect:
         assert (await connected.receive_command("RECEIPT")).get("receipt-id") == "77"
         await connected.wait_closed()
 
-    async def test_error_closes_only_that_session(self, ws_url: str, clients: list[StompClient], unique: str) -> None:
+    async def test_error_closes_only_that_session(
+        self, ws_url: str, clients: list[StompClient], unique: str
+    ) -> None:
         good = await connected_client(ws_url, clients)
         bad = await connected_client(ws_url, clients)
         await subscribe(good, f"/topic/iso-{unique}")
@@ -452,7 +489,9 @@ class TestReceiptsAndDisconnect:
 
 
 class TestDeliveryBackend:
-    async def test_backdoor_consumer_sees_stomp_sends(self, connected: StompClient, backdoor: Channel, unique: str) -> None:
+    async def test_backdoor_consumer_sees_stomp_sends(
+        self, connected: StompClient, backdoor: Channel, unique: str
+    ) -> None:
         queue = await backdoor.declare_queue(f"bd-{unique}", auto_delete=True)
         received: asyncio.Queue[Delivery] = asyncio.Queue()
         await backdoor.consume(queue, received.put_nowait, no_ack=True)

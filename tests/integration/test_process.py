@@ -32,8 +32,14 @@ async def run_gateway(*args: str, env: dict[str, str] | None = None) -> asyncio.
     environment = {k: v for k, v in os.environ.items() if k != "AMQP_URL"}
     environment.update(env or {})
     return await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gateway", *args, cwd=ROOT, env=environment,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        sys.executable,
+        "-m",
+        "gateway",
+        *args,
+        cwd=ROOT,
+        env=environment,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
 
 
@@ -69,7 +75,10 @@ class TestCommandLine:
             assert f.metadata["env"] in text
 
     def test_flags_win_over_environment(self) -> None:
-        config = parse_args(["--port", "9000"], {"PORT": "9100", "AMQP_URL": "amqp://u:p@h:1/", "GATEWAY_ALLOWED_ORIGINS": "https://a,https://b"})
+        config = parse_args(
+            ["--port", "9000"],
+            {"PORT": "9100", "AMQP_URL": "amqp://u:p@h:1/", "GATEWAY_ALLOWED_ORIGINS": "https://a,https://b"},
+        )
         assert config.port == 9000
         assert config.broker == "rabbitmq"
         assert config.allowed_origins == ["https://a", "https://b"]
@@ -80,7 +89,7 @@ class TestCommandLine:
     async def test_unreachable_rabbitmq_is_one_line_and_exit_1(self) -> None:
         dead = free_port()
         process = await run_gateway("--amqp-url", f"amqp://guest:guest@127.0.0.1:{dead}/", "--port", "0")
-        out, err = await asyncio.wait_for(process.communicate(), 30)
+        _, err = await asyncio.wait_for(process.communicate(), 30)
         assert process.returncode == 1
         lines = err.decode().strip().splitlines()
         assert len(lines) == 1, lines
@@ -119,7 +128,9 @@ async def test_losing_rabbitmq_and_getting_it_back(backend: str, unique: str) ->
     try:
         client = await open_ws(f"ws://127.0.0.1:{gateway.port}/ws")
         await client.connect()
-        await client.send(b"SUBSCRIBE\nid:1\ndestination:/topic/cut-" + unique.encode() + b"\nreceipt:r\n\n\x00")
+        await client.send(
+            b"SUBSCRIBE\nid:1\ndestination:/topic/cut-" + unique.encode() + b"\nreceipt:r\n\n\x00"
+        )
         await client.receipt("r")
         assert await asyncio.to_thread(healthz, gateway.port) == 200
 
@@ -143,7 +154,9 @@ async def test_losing_rabbitmq_and_getting_it_back(backend: str, unique: str) ->
             await asyncio.sleep(0.2)
         again = await open_ws(f"ws://127.0.0.1:{gateway.port}/ws")
         await again.connect()
-        await again.send(b"SUBSCRIBE\nid:1\ndestination:/topic/cut-" + unique.encode() + b"\nreceipt:r\n\n\x00")
+        await again.send(
+            b"SUBSCRIBE\nid:1\ndestination:/topic/cut-" + unique.encode() + b"\nreceipt:r\n\n\x00"
+        )
         await again.receipt("r")
         await again.send(b"SEND\ndestination:/topic/cut-" + unique.encode() + b"\n\nback\x00")
         assert (await again.receive_command("MESSAGE")).body == b"back"
