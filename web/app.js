@@ -1,0 +1,417 @@
+/*
+ * The live stock ticker page.
+ *
+ * Data path: @stomp/stompjs (vendor/stomp.umd.min.js, global StompJs) connects to the gateway at
+ * ws(s)://<this host>/ws. Every row subscribes to /exchange/stocks/<SYMBOL> (the stock daemon publishes
+ * one JSON tick per symbol there). After each (re)connect the page also asks for a snapshot:
+ * SEND /queue/stocks.snapshot with reply-to:/temp-queue/snapshot; the reply (a JSON list of every
+ * quote) arrives as a MESSAGE whose subscription is /temp-queue/snapshot, which stompjs hands to
+ * onUnhandledMessage. The snapshot fills the table at once and tells which symbols exist.
+ *
+ * Subscriptions are made in onConnect, so every automatic reconnect re-subscribes every row (the book's
+ * client did not). A price flashes green when the NEW price is above the OLD one and red when below; an
+ * unchanged price does not flash (the book had the two arguments swapped).
+ *
+ * No inline script or style: the page runs under a strict Content-Security-Policy.
+ */
+(function () {
+  'use strict';
+
+  const SYMBOL_RE = /^[A-Z][A-Z0-9.]{0,9}$/;
+  const DEFAULT_SYMBOLS = ['AAPL', 'MSFT', 'AMZN', 'GOOG', 'YHOO', 'FB'];
+  const STORAGE_KEY = 'stock-ticker.symbols';
+  const EXCHANGE_PREFIX = '/exchange/stocks/';
+  const SNAPSHOT_QUEUE = '/queue/stocks.snapshot';
+  const SNAPSHOT_REPLY = '/temp-queue/snapshot';
+  const SNAPSHOT_TIMEOUT_MS = 5000;
+  const SPARK_POINTS = 40;
+  const SPARK_WIDTH = 100;
+  const SPARK_HEIGHT = 28;
+  const MESSAGE_MS = 8000;
+  const STABLE_MS = 10000; // a connection that lasted less than this counts as flapping
+  const FLAP_DELAY_MAX_MS = 30000;
+  const SVG_NS = 'http://www.w3.org/2000/svg';
+
+  const $ = (selector) => document.querySelector(selector);
+  const statusEl = $('#status');
+  const form = $('#add-form');
+  const input = $('#symbol-input');
+  const messageEl = $('#message');
+  const tbody = $('#quotes tbody');
+  const emptyEl = $('#empty');
+  const banner = $('#error-banner');
+
+  /** symbol -> row state: {symbol, tr, price, change, percent, line, history, last, time, subscription} */
+  const rows = new Map();
+  /** Symbols the latest snapshot listed (kept across reconnects), or null until the first one arrives. */
+  let knownSymbols = null;
+  let snapshotTimer = null;
+  let snapshotCounter = 0;
+  let snapshotAwaited = false;
+  let messageTimer = null;
+  let connectedAt = 0;
+  let flapDelay = 0;
+
+  // Fixed format, whatever the locale: "1234.56", "+1.23", "-0.40", "0.00" (Number() reads them back).
+  const priceFormat = new Intl.NumberFormat('en-US', {
+    minimumFractionDigits: 2, maximumFractionDigits: 2, useGrouping: false,
+  });
+  const changeFormat = new Intl.NumberFormat('en-US', {
+    minimumFractionDigits: 2, maximumFractionDigits: 2, useGrouping: false, signDisplay: 'exceptZero',
+  });
+
+  // ---- small helpers --------------------------------------------------------------------------------
+
+  function meta(name) {
+    const el = document.querySelector(`meta[name="${name}"]`);
+    return el ? el.content.trim() : '';
+  }
+
+  function brokerUrl() {
+    const configured = meta('stomp-url');
+    if (configured) return configured;
+    const scheme = window.location.protocol === 'https:' ? 'wss:' : 'ws:';
+    return `${scheme}//${window.location.host}/ws`;
+  }
+
+  function normalize(text) {
+    return String(text).trim().toUpperCase();
+  }
+
+  function showMessage(text, kind) {
+    messageEl.textContent = text;
+    messageEl.className = `message ${kind || 'info'}`;
+    clearTimeout(messageTimer);
+    messageTimer = setTimeout(() => {
+      messageEl.textContent = '';
+      messageEl.className = 'message';
+    }, MESSAGE_MS);
+  }
+
+  function setStatus(online) {
+    statusEl.textContent = online ? 'Online' : 'Offline';
+    statusEl.classList.toggle('online', online);
+    statusEl.classList.toggle('offline', !online);
+  }
+
+  function showError(message, body) {
+    $('#error-message').textContent = message || 'Unknown error';
+    const bodyEl = $('#error-body');
+    bodyEl.textContent = body || '';
+    bodyEl.hidden = !body;
+    banner.hidden = false;
+  }
+
+  // ---- persistence --------------------------------------------------------------------------------
+
+  function loadSymbols() {
+    try {
+      const stored = window.localStorage.getItem(STORAGE_KEY);
+      if (stored !== null) {
+        const list = JSON.parse(stored);
+        if (Array.isArray(list)) {
+          return [...new Set(list.map(normalize).filter((s) => SYMBOL_RE.test(s)))];
+        }
+      }
+    } catch (err) {
+      // Storage disabled or corrupt: fall back to the defaults.
+    }
+    return DEFAULT_SYMBOLS.slice();
+  }
+
+  function saveSymbols() {
+    try {
+      window.localStorage.setItem(STORAGE_KEY, JSON.stringify([...rows.keys()]));
+    } catch (err) {
+      // Storage disabled (private mode): the choice lasts until the page is closed.
+    }
+  }
+
+  // ---- rows -----------------------------------------------------------------------------------------
+
+  function cell(className, text) {
+    const td = document.createElement('td');
+    td.className = className;
+    td.textContent = text;
+    return td;
+  }
+
+  function createRow(symbol) {
+    const tr = document.createElement('tr');
+    tr.dataset.symbol = symbol;
+
+    const name = cell('symbol', symbol);
+    const price = cell('price num', '—');
+    const change = cell('change num col-change', '—');
+    const percent = cell('change-percent num', '—');
+
+    const trend = document.createElement('td');
+    trend.className = 'trend col-trend';
+    const svg = document.createElementNS(SVG_NS, 'svg');
+    svg.setAttribute('class', 'sparkline');
+    svg.setAttribute('viewBox', `0 0 ${SPARK_WIDTH} ${SPARK_HEIGHT}`);
+    svg.setAttribute('preserveAspectRatio', 'none');
+    svg.setAttribute('aria-hidden', 'true');
+    const line = document.createElementNS(SVG_NS, 'polyline');
+    line.setAttribute('vector-effect', 'non-scaling-stroke');
+    line.setAttribute('points', '');
+    svg.appendChild(line);
+    trend.appendChild(svg);
+
+    const actions = document.createElement('td');
+    actions.className = 'actions';
+    const remove = document.createElement('button');
+    remove.type = 'button';
+    remove.className = 'remove';
+    remove.textContent = '✕';
+    remove.title = `Remove ${symbol}`;
+    remove.setAttribute('aria-label', `Remove ${symbol}`);
+    remove.addEventListener('click', () => removeSymbol(symbol));
+    actions.appendChild(remove);
+
+    tr.append(name, price, change, percent, trend, actions);
+    return { symbol, tr, price, change, percent, line, history: [], last: null, time: '', subscription: null };
+  }
+
+  function addRow(symbol) {
+    const row = createRow(symbol);
+    rows.set(symbol, row);
+    tbody.appendChild(row.tr);
+    emptyEl.hidden = rows.size > 0;
+    subscribe(row);
+    return row;
+  }
+
+  function dropRow(symbol) {
+    const row = rows.get(symbol);
+    if (!row) return;
+    unsubscribe(row);
+    row.tr.remove();
+    rows.delete(symbol);
+    emptyEl.hidden = rows.size > 0;
+  }
+
+  function flash(el, up) {
+    el.classList.remove('flash-up', 'flash-down');
+    void el.offsetWidth; // restart the CSS animation when the same direction repeats
+    el.classList.add(up ? 'flash-up' : 'flash-down');
+  }
+
+  function drawSparkline(row) {
+    const points = row.history;
+    const min = Math.min(...points);
+    const max = Math.max(...points);
+    const span = max - min;
+    const pad = 2;
+    // One point is drawn as a flat line across; a flat history sits in the middle.
+    const xs = points.length > 1 ? points.map((_, i) => (i * SPARK_WIDTH) / (points.length - 1)) : [0, SPARK_WIDTH];
+    const ys = (points.length > 1 ? points : [points[0], points[0]]).map((p) =>
+      span > 0 ? pad + (1 - (p - min) / span) * (SPARK_HEIGHT - 2 * pad) : SPARK_HEIGHT / 2);
+    row.line.setAttribute('points', xs.map((x, i) => `${x.toFixed(1)},${ys[i].toFixed(1)}`).join(' '));
+    const svg = row.line.ownerSVGElement;
+    const first = points[0];
+    const last = points[points.length - 1];
+    svg.classList.toggle('rising', last > first);
+    svg.classList.toggle('falling', last < first);
+  }
+
+  /** Show one quote ({symbol, price, change, change_percent, time}) in its row. */
+  function applyQuote(quote) {
+    if (!quote || typeof quote !== 'object') return;
+    const row = rows.get(quote.symbol);
+    if (!row) return;
+    const price = Number(quote.price);
+    const change = Number(quote.change);
+    const percent = Number(quote.change_percent);
+    if (!Number.isFinite(price)) return;
+    const time = typeof quote.time === 'string' ? quote.time : '';
+    if (time && row.time && time <= row.time) return; // already shown, or older (a late snapshot)
+
+    if (row.last !== null && price !== row.last) flash(row.price, price > row.last);
+    row.last = price;
+    row.time = time;
+
+    row.price.textContent = priceFormat.format(price);
+    if (time) row.price.title = `as of ${new Date(time).toLocaleTimeString()}`;
+    if (Number.isFinite(change)) {
+      row.change.textContent = changeFormat.format(change);
+      row.percent.textContent = Number.isFinite(percent) ? `${changeFormat.format(percent)}%` : '—';
+      for (const el of [row.change, row.percent]) {
+        el.classList.toggle('positive', change > 0);
+        el.classList.toggle('negative', change < 0);
+      }
+    }
+    row.history.push(price);
+    if (row.history.length > SPARK_POINTS) row.history.splice(0, row.history.length - SPARK_POINTS);
+    drawSparkline(row);
+  }
+
+  // ---- STOMP ----------------------------------------------------------------------------------------
+
+  const connectHeaders = {};
+  for (const [header, name] of [['login', 'stomp-login'], ['passcode', 'stomp-passcode'], ['host', 'stomp-host']]) {
+    const value = meta(name);
+    if (value) connectHeaders[header] = value;
+  }
+
+  const client = new StompJs.Client({
+    brokerURL: brokerUrl(),
+    connectHeaders,
+    heartbeatIncoming: 10000,
+    heartbeatOutgoing: 10000,
+    reconnectDelay: 1000,
+    connectionTimeout: 10000,
+  });
+  // Back-off, two parts. stompjs: 1 s doubling to 30 s while the WebSocket cannot connect, reset once
+  // CONNECTED arrives. Ours: a connection that dies soon after CONNECTED (an ERROR frame, a broker that
+  // is down behind the gateway) would otherwise reconnect every second forever, so such flapping adds
+  // its own delay, 1 s doubling to 30 s, forgotten once a connection stays up for STABLE_MS.
+  if (StompJs.ReconnectionTimeMode) {
+    client.reconnectTimeMode = StompJs.ReconnectionTimeMode.EXPONENTIAL;
+    client.maxReconnectDelay = 30000;
+  }
+  client.beforeConnect = () => (flapDelay > 0 ? new Promise((resolve) => setTimeout(resolve, flapDelay)) : undefined);
+
+  function subscribe(row) {
+    if (!client.connected || row.subscription) return;
+    row.subscription = client.subscribe(EXCHANGE_PREFIX + row.symbol, (message) => {
+      let quote;
+      try {
+        quote = JSON.parse(message.body);
+      } catch (err) {
+        return; // not a tick
+      }
+      if (quote && quote.symbol === row.symbol) applyQuote(quote);
+    });
+  }
+
+  function unsubscribe(row) {
+    if (row.subscription && client.connected) row.subscription.unsubscribe();
+    row.subscription = null;
+  }
+
+  function requestSnapshot() {
+    snapshotCounter += 1;
+    client.publish({
+      destination: SNAPSHOT_QUEUE,
+      headers: { 'reply-to': SNAPSHOT_REPLY, 'correlation-id': `snapshot-${snapshotCounter}`, 'content-type': 'application/json' },
+      body: '{}',
+    });
+    snapshotAwaited = true;
+    clearTimeout(snapshotTimer);
+    snapshotTimer = setTimeout(() => {
+      if (snapshotAwaited && client.connected) {
+        showMessage('The price service has not answered yet; prices will appear as they tick.', 'warning');
+      }
+    }, SNAPSHOT_TIMEOUT_MS);
+  }
+
+  function receiveSnapshot(message) {
+    let quotes;
+    try {
+      quotes = JSON.parse(message.body);
+    } catch (err) {
+      return;
+    }
+    if (!Array.isArray(quotes)) return;
+    snapshotAwaited = false;
+    clearTimeout(snapshotTimer);
+    knownSymbols = new Set(quotes.filter((q) => q && typeof q.symbol === 'string').map((q) => q.symbol));
+    quotes.forEach(applyQuote);
+    // Rows the price service does not know (added while it had not answered, or kept from an older
+    // universe) are removed, and the user is told which.
+    const unknown = [...rows.keys()].filter((symbol) => !knownSymbols.has(symbol));
+    if (unknown.length > 0) {
+      unknown.forEach(dropRow);
+      saveSymbols();
+      showMessage(`Unknown symbol: ${unknown.join(', ')}`, 'error');
+    }
+  }
+
+  client.onConnect = () => {
+    connectedAt = Date.now();
+    setStatus(true);
+    for (const row of rows.values()) {
+      row.subscription = null; // subscriptions of the previous connection died with it
+      subscribe(row);
+    }
+    requestSnapshot();
+  };
+
+  client.onUnhandledMessage = (message) => {
+    if (message.headers.subscription === SNAPSHOT_REPLY) receiveSnapshot(message);
+  };
+
+  client.onStompError = (frame) => {
+    showError(frame.headers.message, frame.body);
+  };
+
+  client.onWebSocketClose = () => {
+    if (connectedAt) {
+      const flapped = Date.now() - connectedAt < STABLE_MS;
+      flapDelay = flapped ? Math.min(Math.max(flapDelay * 2, 1000), FLAP_DELAY_MAX_MS) : 0;
+      connectedAt = 0;
+    }
+    setStatus(false);
+    snapshotAwaited = false;
+    for (const row of rows.values()) row.subscription = null;
+  };
+
+  client.onDisconnect = () => setStatus(false);
+
+  // ---- user actions ---------------------------------------------------------------------------------
+
+  function addSymbol(text) {
+    const symbol = normalize(text);
+    if (!symbol) {
+      showMessage('Type a symbol first, e.g. AAPL.', 'error');
+      return false;
+    }
+    if (!SYMBOL_RE.test(symbol)) {
+      showMessage(`Invalid symbol: ${symbol} (a letter, then up to 9 letters, digits or dots)`, 'error');
+      return false;
+    }
+    if (rows.has(symbol)) {
+      showMessage(`${symbol} is already in the table.`, 'info');
+      return false;
+    }
+    if (knownSymbols !== null && !knownSymbols.has(symbol)) {
+      showMessage(`Unknown symbol: ${symbol}`, 'error');
+      return false;
+    }
+    addRow(symbol);
+    saveSymbols();
+    if (knownSymbols !== null) {
+      showMessage(`Added ${symbol}.`, 'info');
+      // Fill the new row now rather than at its next tick.
+      if (client.connected) requestSnapshot();
+    } else {
+      showMessage(`Added ${symbol}; it will be checked once the price service answers.`, 'info');
+    }
+    return true;
+  }
+
+  function removeSymbol(symbol) {
+    dropRow(symbol);
+    saveSymbols();
+    showMessage(`Removed ${symbol}.`, 'info');
+    input.focus();
+  }
+
+  form.addEventListener('submit', (event) => {
+    event.preventDefault();
+    if (addSymbol(input.value)) input.value = '';
+    input.focus();
+  });
+
+  $('#error-close').addEventListener('click', () => {
+    banner.hidden = true;
+  });
+
+  // ---- start ----------------------------------------------------------------------------------------
+
+  setStatus(false);
+  loadSymbols().forEach(addRow);
+  emptyEl.hidden = rows.size > 0;
+  client.activate();
+})();
