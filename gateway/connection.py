@@ -208,6 +208,8 @@ class StompConnection:
             self._slow_client()
 
     def _slow_client(self) -> None:
+        if self.session.state is State.CLOSED:
+            return  # already on its way out
         limit = self.settings.max_outbound_buffer
         error = ProtocolError(
             "Slow consumer",
@@ -267,6 +269,7 @@ class StompConnection:
         except BrokerError as error:
             await self._fail(error)
             return
+        self._tasks[1].cancel()  # the login timer
         self.parser.version = self.session.version
         self.parser.authenticated = True
         # The parser held back whatever the client pipelined behind CONNECT; decode it now, for the
