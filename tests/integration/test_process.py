@@ -164,3 +164,14 @@ async def test_losing_rabbitmq_and_getting_it_back(backend: str, unique: str) ->
     finally:
         await gateway.stop()
         await proxy.cut()
+
+
+@pytest.mark.parametrize("script", ["stomp-gateway", "stock-daemon"])
+async def test_console_scripts_are_installed(script: str) -> None:
+    """`pip install .` (here the editable install of `make install`) provides both commands."""
+    path = os.path.join(os.path.dirname(sys.executable), script)
+    assert os.access(path, os.X_OK), f"{path} missing: the package's [project.scripts] were not installed"
+    process = await asyncio.create_subprocess_exec(path, "--help", stdout=asyncio.subprocess.PIPE)
+    out, _ = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode == 0
+    assert b"--amqp-url" in out
