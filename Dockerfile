@@ -5,14 +5,13 @@ FROM python:3.11-slim
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /app
 
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
 COPY gateway ./gateway
 COPY stock_daemon ./stock_daemon
-RUN pip install . && useradd --system --no-create-home gateway
-
 COPY web/index.html web/app.js web/style.css ./web/
 COPY web/vendor ./web/vendor
-ENV GATEWAY_WEB_ROOT=/app/web
+# the page is installed with the package (share/stomp-ws-gateway/web), like any `pip install .`
+RUN pip install . && rm -rf /app/* && useradd --system --no-create-home gateway
 
 USER gateway
 EXPOSE 8181

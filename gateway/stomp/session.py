@@ -114,7 +114,7 @@ class Authenticate:
 
 @dataclass(slots=True)
 class Subscription:
-    """One client subscription. ``key`` is the id (or ``Q_<destination>`` without one)."""
+    """One client subscription. ``key`` is its consumer tag: ``T_<id>``, or ``Q_<destination>`` without an id."""
 
     key: str
     id: str | None
@@ -219,15 +219,17 @@ def negotiate_heartbeat(value: str | None, minimum: int, maximum: int) -> tuple[
         return 0, 0
     try:
         cx_text, cy_text = value.split(",")
-        cx, cy = int(cx_text.strip()), int(cy_text.strip())
+        cx, cy = _int(cx_text.strip()), _int(cy_text.strip())
     except ValueError:
         raise ProtocolError(
             "Invalid header", f"'heart-beat' must be two comma-separated integers, got {value!r}\n"
         ) from None
     if cx < 0 or cy < 0:
         raise ProtocolError("Invalid header", f"'heart-beat' values must not be negative, got {value!r}\n")
+    # The server may send more often than the client asks (the maximum caps that), but it can never
+    # expect heart-beats more often than the client promised (effective = max(cx, sy), STOMP 1.2).
     send_every = min(max(cy, minimum), maximum) if cy > 0 else 0
-    expect_every = min(max(cx, minimum), maximum) if cx > 0 else 0
+    expect_every = max(cx, minimum) if cx > 0 else 0
     return send_every, expect_every
 
 
@@ -308,6 +310,18 @@ class SessionSettings:
     shared_fanout: bool = True
 
 
+def _uint(text: str) -> int:
+    """A non-negative decimal integer of ASCII digits only (``int()`` also takes ``+5``, ``1_0`` and non-ASCII digits)."""
+    if not text or not text.isascii() or not text.isdigit():
+        raise ValueError(text)
+    return int(text)
+
+
+def _int(text: str) -> int:
+    """A decimal integer of ASCII digits with an optional leading minus."""
+    return -_uint(text[1:]) if text.startswith("-") else _uint(text)
+
+
 def _receipt(frame: Frame) -> Frame | None:
     receipt_id = frame.get("receipt")
     if receipt_id is None:
@@ -361,10 +375,10 @@ class Session:
     def _dispatch(self, frame: Frame) -> list[Action]:
         command = frame.command
         if command not in ACCEPTS[self.state]:
-            if command not in CLIENT_COMMANDS:
-                raise ProtocolError("Bad command", f'Could not interpret command "{command}"\n')
             if self.state is State.CONNECTING:
                 raise ProtocolError("Illegal command", "You must log in using CONNECT first")
+            if command not in CLIENT_COMMANDS:
+                raise ProtocolError("Bad command", f'Could not interpret command "{command}"\n')
             raise ProtocolError(
                 "Illegal command", f"'{command}' is not allowed once the session is connected"
             )
@@ -398,7 +412,9 @@ class Session:
     _on_stomp = _on_connect
 
     def authenticated(self) -> list[Action]:
-        """The broker accepted the credentials: answer CONNECTED."""
+        """The broker accepted the credentials: answer CONNECTED (nothing if the session closed meanwhile)."""
+        if self.state is not State.AUTHENTICATING:
+            return []
         self.state = State.CONNECTED
         send_every, expect_every = self.heartbeat
         connected = Frame(
@@ -454,11 +470,11 @@ class Session:
             raise ProtocolError(
                 "Invalid header", f"Subscription id '{sub_id}' may not start with '/temp-queue/'\n"
             )
-        key = sub_id if sub_id is not None else "Q_" + raw
+        # Keyed by consumer tag, as RabbitMQ does: an id "Q_/queue/a" and an id-less /queue/a differ.
+        key = "T_" + sub_id if sub_id is not None else "Q_" + raw
         if key in self.subscriptions:
-            tag = "T_" + sub_id if sub_id is not None else key
             raise ProtocolError(
-                "Duplicated subscription identifier", f"A subscription identified by '{tag}' already exists."
+                "Duplicated subscription identifier", f"A subscription identified by '{key}' already exists."
             )
         if len(self.subscriptions) >= self.settings.max_subscriptions:
             raise ProtocolError(
@@ -478,7 +494,7 @@ class Session:
         prefetch_count = None
         if prefetch is not None:
             try:
-                prefetch_count = int(prefetch)
+                prefetch_count = _uint(prefetch)
             except ValueError:
                 prefetch_count = -1
             if prefetch_count < 0 or prefetch_count > 65535:
@@ -488,7 +504,8 @@ class Session:
         consumer_arguments: dict[str, object] = {}
         if "x-priority" in headers:
             try:
-                consumer_arguments["x-priority"] = int(headers["x-priority"])
+                priority = headers["x-priority"]
+                consumer_arguments["x-priority"] = _int(priority)
             except ValueError:
                 raise ProtocolError(
                     "Invalid header", f"'x-priority' must be an integer, got {headers['x-priority']!r}\n"
@@ -509,7 +526,7 @@ class Session:
             ack=ack,
             plan=plan,
             prefetch_count=prefetch_count,
-            consumer_tag="T_" + sub_id if sub_id is not None else key,
+            consumer_tag=key,
             consumer_arguments=consumer_arguments,
         )
         self.subscriptions[key] = subscription
@@ -522,7 +539,7 @@ class Session:
             raise ProtocolError(
                 "Missing destination or id", "UNSUBSCRIBE must include a 'destination' or 'id' header"
             )
-        key = sub_id if sub_id is not None else "Q_" + (raw or "")
+        key = "T_" + sub_id if sub_id is not None else "Q_" + (raw or "")
         subscription = self.subscriptions.pop(key, None)
         if subscription is None:
             what = f"id='{sub_id}'" if sub_id is not None else f"destination='{raw}'"
@@ -610,6 +627,7 @@ class Session:
                 raise ProtocolError("Missing destination", "\"SEND\" must include a 'destination' header\n")
             check_send_destination(parse_destination(raw))
             properties_from_send(frame.headers)
+            send_declaration(parse_destination(raw), dict(self._first_headers(frame)))
         buffered.append(
             Frame(
                 frame.command,

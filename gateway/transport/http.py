@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import http
 import mimetypes
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,7 +18,15 @@ from websockets.http11 import Request, Response
 
 __all__ = ["DEFAULT_WEB_ROOT", "HttpResponder"]
 
-DEFAULT_WEB_ROOT = Path(__file__).resolve().parent.parent.parent / "web"
+def _default_web_root() -> Path:
+    """The checkout's ``web/`` folder, else the copy ``pip install .`` puts under ``share/``."""
+    checkout = Path(__file__).resolve().parent.parent.parent / "web"
+    if (checkout / "index.html").is_file():
+        return checkout
+    return Path(sys.prefix) / "share" / "stomp-ws-gateway" / "web"
+
+
+DEFAULT_WEB_ROOT = _default_web_root()
 
 CSP = (
     "default-src 'self'; connect-src 'self' ws: wss:; img-src 'self' data:; style-src 'self'; "

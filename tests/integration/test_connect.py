@@ -86,9 +86,14 @@ class TestBeforeConnect:
         assert error.body == b"You must log in using CONNECT first"
         await client.wait_closed()
 
-    async def test_unknown_command(self, client: StompClient) -> None:
-        await client.send(b"WRONGCOMMAND\n\n\x00")
+    async def test_unknown_command_before_connect_is_illegal(self, client: StompClient) -> None:
+        await client.send(b"WRONGCOMMAND\n\n\x00")  # RabbitMQ checks the login first, too
         error = await client.receive_command("ERROR")
+        assert error.get("message") == "Illegal command"
+
+    async def test_unknown_command(self, connected: StompClient) -> None:
+        await connected.send(b"WRONGCOMMAND\n\n\x00")
+        error = await connected.receive_command("ERROR")
         assert error.get("message") == "Bad command"
         assert error.body == b'Could not interpret command "WRONGCOMMAND"\n'
 

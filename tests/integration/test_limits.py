@@ -147,6 +147,7 @@ class TestTcpTransport:
     async def test_tcp_error_then_close(self, gateway: Gateway) -> None:
         assert gateway.tcp_port is not None
         c = await open_tcp("127.0.0.1", gateway.tcp_port)
+        await c.connect()
         await c.send(b"BOGUS\n\n\x00")
         error = await c.receive_command("ERROR")
         assert error.get("message") == "Bad command"
