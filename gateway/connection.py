@@ -112,7 +112,7 @@ class StompConnection:
         self.last_received = self.last_sent = self.loop.time()
         self.closed = asyncio.Event()
         self.debug = logger.isEnabledFor(logging.DEBUG)
-        self._inbound: asyncio.Queue[Frame] = asyncio.Queue(settings.max_inbound_frames)
+        self._inbound: asyncio.Queue[Frame | ProtocolError] = asyncio.Queue(settings.max_inbound_frames)
         self._closing = False
         self._principal: Any = None
         self._channel: Channel | None = None
@@ -133,9 +133,10 @@ class StompConnection:
             return
         self.last_received = self.loop.time()
         try:
-            frames = self.parser.receive_data(data)
+            frames: list[Frame | ProtocolError] = list(self.parser.receive_data(data))
         except ProtocolError as error:
-            await self._run(self.session.fail(error))
+            # Behind the frames already queued: they are handled first, then the ERROR and the close.
+            await self._inbound.put(error)
             return
         for frame in frames:
             await self._inbound.put(frame)
@@ -153,6 +154,9 @@ class StompConnection:
         try:
             while not self._closing:
                 frame = await self._inbound.get()
+                if isinstance(frame, ProtocolError):
+                    await self._run(self.session.fail(frame))
+                    continue
                 if self.debug:
                     logger.debug("%s > %s %s", self.peer, frame.command, frame.headers)
                 await self._run(self.session.receive_frame(frame))

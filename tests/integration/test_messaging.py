@@ -488,6 +488,19 @@ class TestReceiptsAndDisconnect:
         assert (await good.receive_command("MESSAGE")).body == b"still here"
 
 
+    async def test_frames_before_a_malformed_one_are_not_lost(
+        self, ws_url: str, clients: list[StompClient], unique: str
+    ) -> None:
+        receiver = await connected_client(ws_url, clients)
+        await subscribe(receiver, f"/queue/before-bad-{unique}")
+        sender = await connected_client(ws_url, clients)
+        good = frame("SEND", "kept", destination=f"/queue/before-bad-{unique}").serialize("1.2")
+        await sender.send(good + b"SEND\nno colon here\n\n\x00")
+        error = await sender.receive_command("ERROR")
+        assert error.get("message") == "Invalid frame"
+        assert (await receiver.receive_command("MESSAGE")).body == b"kept"
+
+
 class TestDeliveryBackend:
     async def test_backdoor_consumer_sees_stomp_sends(
         self, connected: StompClient, backdoor: Channel, unique: str
