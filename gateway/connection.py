@@ -138,6 +138,8 @@ class StompConnection:
             # Behind the frames already queued: they are handled first, then the ERROR and the close.
             await self._inbound.put(error)
             return
+        if self.parser.error is not None:
+            frames.append(self.parser.error)  # good frames first, then the ERROR
         for frame in frames:
             await self._inbound.put(frame)
 

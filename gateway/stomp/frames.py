@@ -272,6 +272,7 @@ class FrameParser:
         # Unconsumed input. Index 0 is the start of the current partial frame (or of EOLs before it).
         self._buffer = bytearray()
         self._error: ProtocolError | None = None
+        self._completed: list[Frame] = []
         self._begin(0)
         self._reset()
 
@@ -300,20 +301,30 @@ class FrameParser:
         """Feed the next chunk (possibly empty); return the frames completed by it, in order.
 
         Raises :class:`ProtocolError` for malformed input or an exceeded limit; the parser is then dead
-        and every later call raises the same error again.
+        and every later call raises the same error again. When the chunk completed frames before the
+        bad input, those frames are returned first and the error is kept in :attr:`error` (and raised by
+        the next call), so that nothing the client sent correctly is lost.
         """
         if self._error is not None:
             error = self._error
             raise ProtocolError(error.message, error.detail, headers=error.headers)
+        self._completed = []
         try:
             return self._receive(data if type(data) is bytes else bytes(data))
         except ProtocolError as exc:
             self._fail(exc)
+            if self._completed:
+                return self._completed
             raise
         except Exception as exc:  # a bug here must still reach the peer as a STOMP error
             error = ProtocolError("Invalid frame", f"Internal parser error: {exc!r}")
             self._fail(error)
             raise error from exc
+
+    @property
+    def error(self) -> ProtocolError | None:
+        """The error that killed this parser, if any."""
+        return self._error
 
     def _fail(self, error: ProtocolError) -> None:
         self._error = error
@@ -336,7 +347,7 @@ class FrameParser:
         end = len(buf)
         max_size = self.max_frame_size
         pos = 0  # start of the current frame in buf; state indexes are absolute in buf
-        frames: list[Frame] = []
+        frames: list[Frame] = self._completed
         while True:
             head = self._head
             if head is None:

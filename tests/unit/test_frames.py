@@ -264,10 +264,20 @@ class TestFailedParser:
             parser.receive_data(b"x" * 10_000)
         assert len(parser._buffer) == 0
 
-    def test_frames_before_the_error_are_lost_with_it(self) -> None:
-        """receive_data raises instead of returning; the I/O layer closes the connection anyway."""
+    def test_frames_before_the_error_are_returned_first(self) -> None:
+        """Nothing sent correctly is lost: the good frames come back, the error waits in ``error``."""
+        parser = make_parser()
+        frames = parser.receive_data(b"SEND\n\nok\x00SEND\nbogus\n\n\x00")
+        assert [f.body for f in frames] == [b"ok"]
+        assert parser.error is not None and parser.error.message == "Invalid frame"
         with pytest.raises(ProtocolError):
-            make_parser().receive_data(b"SEND\n\nok\x00SEND\nbogus\n\n\x00")
+            parser.receive_data(b"")
+
+    def test_a_chunk_with_only_bad_input_raises(self) -> None:
+        parser = make_parser()
+        with pytest.raises(ProtocolError):
+            parser.receive_data(b"SEND\nbogus\n\n\x00")
+        assert parser.error is not None
 
 
 # --------------------------------------------------------------------------------------------------------
