@@ -100,8 +100,8 @@ def properties_from_send(
     into the headers table as a string, except ``destination``, ``receipt``, ``transaction`` and
     ``content-length``, which are the gateway's own business.
 
-    Raises :class:`ProtocolError` "Invalid header" for a ``message-id`` header (RabbitMQ's wording) and for
-    a malformed ``priority`` or ``timestamp``.
+    Raises :class:`ProtocolError` "Invalid header" for a ``message-id`` header (RabbitMQ's wording), for
+    a malformed ``priority`` or ``timestamp`` and for a property longer than an AMQP short string.
     """
     props = MessageProperties()
     seen: set[str] = set()
@@ -117,7 +117,7 @@ def properties_from_send(
             continue
         attribute = _STRING_PROPERTIES.get(name)
         if attribute is not None:
-            setattr(props, attribute, value)
+            setattr(props, attribute, _short_string(name, value))
         elif name == "persistent":
             if value == "true" or value == "True":
                 props.delivery_mode = 2
@@ -126,7 +126,7 @@ def properties_from_send(
         elif name == "timestamp":
             props.timestamp = _integer(name, value)
         elif name == "reply-to":
-            props.reply_to = value
+            props.reply_to = _short_string(name, value)
     if reply_to is not None:
         props.reply_to = reply_to
     return props
@@ -138,6 +138,18 @@ def properties_from_send(
 _EPOCH = datetime.datetime(1970, 1, 1)
 _EPOCH_UTC = _EPOCH.replace(tzinfo=datetime.UTC)
 _SECOND = datetime.timedelta(seconds=1)
+
+
+#: AMQP carries these properties as short strings: at most 255 bytes of UTF-8.
+MAX_SHORT_STRING = 255
+
+
+def _short_string(name: str, value: str) -> str:
+    if len(value) > MAX_SHORT_STRING // 4 and len(value.encode()) > MAX_SHORT_STRING:
+        raise ProtocolError(
+            "Invalid header", f"'{name}' is longer than AMQP allows ({MAX_SHORT_STRING} bytes of UTF-8)\n"
+        )
+    return value
 
 
 def _seconds(moment: datetime.datetime) -> int:

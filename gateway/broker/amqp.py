@@ -27,6 +27,7 @@ from urllib.parse import quote, unquote, urlsplit
 import aio_pika
 import aiormq
 import aiormq.abc
+import pamqp.constants
 from aiormq.abc import ChannelFrame
 from pamqp import commands as spec
 from pamqp.common import FieldTable
@@ -51,6 +52,11 @@ __all__ = ["AmqpBroker", "AmqpChannel", "Principal", "credentials_from_url"]
 logger = logging.getLogger(__name__)
 
 _REPLY = re.compile(r"^([A-Z_]+) - (.*)$", re.DOTALL)
+
+# pamqp checks queue and exchange names against the AMQP 0-9-1 grammar ([a-zA-Z0-9-_.:]); RabbitMQ
+# accepts any UTF-8 name up to 255 bytes, and so does its STOMP plugin. Check what RabbitMQ checks.
+pamqp.constants.DOMAIN_REGEX["queue-name"] = re.compile(r".*", re.DOTALL)
+pamqp.constants.DOMAIN_REGEX["exchange-name"] = re.compile(r".*", re.DOTALL)
 
 
 def credentials_from_url(url: str) -> tuple[str, str, str]:
@@ -88,6 +94,10 @@ def _broker_error(exc: BaseException) -> BrokerError:
     name, detail = match.group(1), match.group(2)
     codes = {"NOT_FOUND": 404, "ACCESS_REFUSED": 403, "PRECONDITION_FAILED": 406, "RESOURCE_LOCKED": 405}
     return BrokerError(codes.get(name, 541), name.lower(), detail)
+
+
+def _invalid_value(exc: BaseException) -> BrokerError:
+    return BrokerError(406, "precondition_failed", f"invalid AMQP value: {exc}")
 
 
 def _to_properties(props: MessageProperties) -> spec.Basic.Properties:
@@ -170,6 +180,8 @@ class AmqpChannel(Channel):
             return await coro
         except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
             raise _broker_error(exc) from exc
+        except (ValueError, TypeError) as exc:  # pamqp refused to encode a value (e.g. a name too long)
+            raise _invalid_value(exc) from exc
 
     async def declare_queue(
         self,
@@ -272,15 +284,20 @@ class AmqpChannel(Channel):
         if ch.is_closed:
             result.set_exception(ChannelClosed())
             return result
+        try:
+            frames: list[Any] = [
+                spec.Basic.Publish(exchange=exchange, routing_key=routing_key, mandatory=False),
+                ContentHeader(properties=_to_properties(properties), body_size=len(body)),
+                *ch._split_body(body),  # type: ignore[attr-defined]
+            ]
+            marshalled = ChannelFrame.marshall(frames=frames, channel_number=ch.number, drain_future=None)
+        except (ValueError, TypeError) as exc:  # pamqp refused to encode a value
+            result.set_exception(_invalid_value(exc))
+            return result
         ch.delivery_tag += 1  # type: ignore[attr-defined]
         confirmation: asyncio.Future[Any] = ch.create_future()
         ch.confirmations[ch.delivery_tag] = confirmation  # type: ignore[attr-defined]
-        frames: list[Any] = [
-            spec.Basic.Publish(exchange=exchange, routing_key=routing_key, mandatory=False),
-            ContentHeader(properties=_to_properties(properties), body_size=len(body)),
-            *ch._split_body(body),  # type: ignore[attr-defined]
-        ]
-        self._enqueue(ChannelFrame.marshall(frames=frames, channel_number=ch.number, drain_future=None))
+        self._enqueue(marshalled)
 
         def done(confirmed: asyncio.Future[Any]) -> None:
             if result.done():
