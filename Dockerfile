@@ -8,7 +8,7 @@ WORKDIR /app
 COPY pyproject.toml README.md LICENSE ./
 COPY gateway ./gateway
 COPY stock_daemon ./stock_daemon
-COPY web/index.html web/app.js web/style.css ./web/
+COPY web/index.html web/app.js web/style.css web/favicon.svg ./web/
 COPY web/vendor ./web/vendor
 # the page is installed with the package (share/stomp-ws-gateway/web), like any `pip install .`
 RUN pip install . && rm -rf /app/* && useradd --system --no-create-home gateway

@@ -1,0 +1,340 @@
+"""The stock ticker page in headless Chromium, against the real gateway and stock daemon processes.
+
+Every wait is bounded. The page is driven only through what a user sees (ids and classes of
+web/index.html and web/app.js); the one exception is the ERROR-frame test, which has to reach the page's
+own WebSocket (see there).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+
+import pytest
+from playwright.sync_api import BrowserContext, Locator, Page, expect
+
+from tests.e2e.conftest import ARTIFACTS, ROOT, GatewayProcess
+
+pytestmark = pytest.mark.e2e
+
+SYMBOLS = ["AAPL", "MSFT", "AMZN", "GOOG", "YHOO", "FB"]
+STORAGE_KEY = "stock-ticker.symbols"
+SCREENSHOT = ARTIFACTS / "ticker.png"
+DOCS_SCREENSHOT = ROOT / "docs" / "ticker.png"
+
+# --- JavaScript predicates evaluated in the page ------------------------------------------------------
+
+# Every listed symbol has a row whose .price is a plain number ("95.12").
+ALL_PRICED = """(symbols) => symbols.every((s) => {
+  const el = document.querySelector(`#quotes tr[data-symbol="${s}"] .price`);
+  return el !== null && /^-?\\d+(\\.\\d+)?$/.test(el.textContent.trim());
+})"""
+
+# symbol -> .price text, for every row.
+PRICES = """() => Object.fromEntries([...document.querySelectorAll('#quotes tbody tr')].map(
+  (tr) => [tr.dataset.symbol, tr.querySelector('.price').textContent.trim()]))"""
+
+# Some row shows a price other than the one in `before`.
+PRICE_CHANGED = """(before) => [...document.querySelectorAll('#quotes tbody tr')].some((tr) => {
+  const s = tr.dataset.symbol;
+  return s in before && tr.querySelector('.price').textContent.trim() !== before[s];
+})"""
+
+# Every listed symbol's sparkline has at least `n` points.
+SPARKLINES_HAVE = """([symbols, n]) => symbols.every((s) => {
+  const line = document.querySelector(`#quotes tr[data-symbol="${s}"] svg.sparkline polyline`);
+  if (line === null) return false;
+  const points = (line.getAttribute('points') || '').trim();
+  return points !== '' && points.split(/\\s+/).length >= n;
+})"""
+
+ROW_SYMBOLS = "() => [...document.querySelectorAll('#quotes tbody tr')].map((tr) => tr.dataset.symbol)"
+
+
+def row(page: Page, symbol: str) -> Locator:
+    return page.locator(f'#quotes tr[data-symbol="{symbol}"]')
+
+
+def open_ticker(page: Page, url: str, symbols: list[str] = SYMBOLS, within: float = 3.0) -> float:
+    """Load the page; return the seconds it took until every symbol's row showed a numeric price."""
+    started = time.monotonic()
+    page.goto(url, wait_until="domcontentloaded", timeout=5_000)
+    page.wait_for_function(ALL_PRICED, arg=symbols, timeout=within * 1000)
+    return time.monotonic() - started
+
+
+def wait_for_price_change(page: Page, timeout_s: float) -> dict[str, str]:
+    before: dict[str, str] = page.evaluate(PRICES)
+    page.wait_for_function(PRICE_CHANGED, arg=before, timeout=timeout_s * 1000)
+    return before
+
+
+def stored_symbols(page: Page) -> list[str] | None:
+    raw = page.evaluate(f"() => window.localStorage.getItem({json.dumps(STORAGE_KEY)})")
+    return None if raw is None else json.loads(raw)
+
+
+# --- against RabbitMQ, with the stock daemon as its own process ----------------------------------------
+
+
+def test_rows_show_prices_within_3_seconds_and_status_is_online(page: Page, gateway: GatewayProcess) -> None:
+    elapsed = open_ticker(page, gateway.url, within=3.0)
+    assert elapsed < 3.0
+    expect(page.locator("#status")).to_have_text("Online", timeout=1_000)
+    assert page.evaluate(ROW_SYMBOLS) == SYMBOLS
+    for symbol in SYMBOLS:
+        price = row(page, symbol).locator(".price").inner_text().strip()
+        assert float(price) > 0, (symbol, price)
+        # Change and % change are filled too: "+1.23" / "-0.40" / "0.00" and "+1.29%".
+        change = row(page, symbol).locator(".change").inner_text().strip()
+        percent = row(page, symbol).locator(".change-percent").inner_text().strip()
+        float(change)
+        assert percent.endswith("%"), percent
+        float(percent[:-1])
+    expect(page.locator("#error-banner")).to_be_hidden()
+
+
+# Records every change of a .price text with the flash class the page gave the cell at that moment.
+RECORD_FLASHES = """() => {
+  window.__e2eFlashes = [];
+  new MutationObserver((records) => {
+    for (const r of records) {
+      const td = r.target;
+      if (!(td instanceof HTMLElement) || !td.classList.contains('price')) continue;
+      const old = [...r.removedNodes].map((n) => n.textContent).join('');
+      window.__e2eFlashes.push({
+        symbol: td.parentElement.dataset.symbol, old, now: td.textContent,
+        up: td.classList.contains('flash-up'), down: td.classList.contains('flash-down'),
+      });
+    }
+  }).observe(document.querySelector('#quotes tbody'), { childList: true, subtree: true });
+}"""
+
+
+def test_prices_change_and_sparklines_get_points(page: Page, gateway: GatewayProcess) -> None:
+    open_ticker(page, gateway.url)
+    page.evaluate(RECORD_FLASHES)
+    wait_for_price_change(page, timeout_s=3.0)
+    # Ticks come every 0.2-0.6 s per symbol: a dozen points within a few seconds.
+    page.wait_for_function(SPARKLINES_HAVE, arg=[SYMBOLS, 3], timeout=5_000)
+    # For the screenshot, longer lines that show a trend (UPDATE_DOCS_SCREENSHOT=1: longer still).
+    updating_docs = os.environ.get("UPDATE_DOCS_SCREENSHOT") == "1"
+    page.wait_for_function(SPARKLINES_HAVE, arg=[SYMBOLS, 25 if updating_docs else 12], timeout=20_000)
+
+    # A price flashes green when it rose and red when it fell (the book had the two swapped).
+    flashes = page.evaluate("() => window.__e2eFlashes")
+    moves = [f for f in flashes if f["old"] not in ("", "\u2014") and float(f["now"]) != float(f["old"])]
+    assert len(moves) >= 6, flashes
+    wrong = [
+        f
+        for f in moves
+        if (f["up"], f["down"]) != ((True, False) if float(f["now"]) > float(f["old"]) else (False, True))
+    ]
+    assert not wrong, wrong
+
+    page.mouse.move(0, 0)  # no hover highlight
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(SCREENSHOT), animations="disabled")  # price flashes finished
+    assert SCREENSHOT.stat().st_size > 10_000
+    if updating_docs:
+        # Regenerating docs/ticker.png is a deliberate act: UPDATE_DOCS_SCREENSHOT=1 pytest tests/e2e
+        DOCS_SCREENSHOT.parent.mkdir(exist_ok=True)
+        shutil.copyfile(SCREENSHOT, DOCS_SCREENSHOT)
+
+
+def test_remove_add_unknown_symbol_and_reload(page: Page, gateway: GatewayProcess) -> None:
+    open_ticker(page, gateway.url)
+    message = page.locator("#message")
+
+    # Remove MSFT: the row goes, and stays gone while MSFT keeps ticking (its subscription went too).
+    row(page, "MSFT").locator("button.remove").click()
+    expect(row(page, "MSFT")).to_have_count(0, timeout=1_000)
+    expect(message).to_contain_text("MSFT", timeout=1_000)
+    assert stored_symbols(page) == ["AAPL", "AMZN", "GOOG", "YHOO", "FB"]
+    wait_for_price_change(page, timeout_s=3.0)  # the others tick on ...
+    page.wait_for_timeout(1_000)  # ... and MSFT ticked several times meanwhile (every 0.2-0.6 s)
+    expect(row(page, "MSFT")).to_have_count(0)
+
+    # Input the page refuses before asking anyone: empty, malformed, already shown.
+    page.fill("#symbol-input", "")
+    page.click("#add-button")
+    expect(message).to_contain_text("Type a symbol first", timeout=1_000)
+    page.fill("#symbol-input", "1ABC")
+    page.click("#add-button")
+    expect(message).to_contain_text("Invalid symbol: 1ABC", timeout=1_000)
+    page.fill("#symbol-input", "aapl")
+    page.press("#symbol-input", "Enter")
+    expect(message).to_contain_text("AAPL is already in the table", timeout=1_000)
+    assert page.evaluate(ROW_SYMBOLS) == ["AAPL", "AMZN", "GOOG", "YHOO", "FB"]
+
+    # An unknown symbol: a clear message, no row, nothing stored.
+    page.fill("#symbol-input", "zzzz")
+    page.click("#add-button")
+    expect(message).to_contain_text("Unknown symbol: ZZZZ", timeout=1_000)
+    expect(row(page, "ZZZZ")).to_have_count(0)
+    assert "ZZZZ" not in (stored_symbols(page) or [])
+
+    # The choice survives a reload (localStorage): MSFT stays removed.
+    page.reload(wait_until="domcontentloaded", timeout=5_000)
+    rest = ["AAPL", "AMZN", "GOOG", "YHOO", "FB"]
+    page.wait_for_function(ALL_PRICED, arg=rest, timeout=3_000)
+    assert page.evaluate(ROW_SYMBOLS) == rest
+
+    # Re-add MSFT (typed in lower case, submitted with the button): its row comes back with a price.
+    expect(page.locator("#status")).to_have_text("Online", timeout=3_000)
+    page.fill("#symbol-input", "msft")
+    page.click("#add-button")
+    expect(row(page, "MSFT")).to_have_count(1, timeout=1_000)
+    page.wait_for_function(ALL_PRICED, arg=["MSFT"], timeout=3_000)
+    expect(message).to_contain_text("Added MSFT", timeout=1_000)
+    expect(page.locator("#symbol-input")).to_have_value("")
+    assert stored_symbols(page) == [*rest, "MSFT"]
+
+    # And that survives a reload too (MSFT now last, as the user ordered it).
+    page.reload(wait_until="domcontentloaded", timeout=5_000)
+    page.wait_for_function(ALL_PRICED, arg=SYMBOLS, timeout=3_000)
+    assert page.evaluate(ROW_SYMBOLS) == [*rest, "MSFT"]
+    # ... and MSFT's row keeps ticking after the reload.
+    msft = row(page, "MSFT").locator(".price").inner_text()
+    page.wait_for_function(
+        """(before) => document.querySelector('#quotes tr[data-symbol="MSFT"] .price').textContent.trim()
+                       !== before""",
+        arg=msft.strip(),
+        timeout=4_000,
+    )
+
+
+def test_gateway_restart_status_goes_offline_then_online_and_rows_keep_updating(
+    page: Page, own_gateway: GatewayProcess
+) -> None:
+    status = page.locator("#status")
+    open_ticker(page, own_gateway.url)
+    expect(status).to_have_text("Online", timeout=1_000)
+
+    assert own_gateway.stop() == 0, "the gateway should exit 0 on SIGTERM"
+    own_gateway.wait_port_closed()
+    expect(status).to_have_text("Offline", timeout=5_000)
+    page.wait_for_timeout(1_500)  # time for the page to try, and fail, to reconnect while it is down
+    expect(status).to_have_text("Offline")
+
+    restarted = time.monotonic()
+    own_gateway.start()  # the same port
+    expect(status).to_have_text("Online", timeout=15_000)
+    back_after = time.monotonic() - restarted
+    assert back_after < 15
+    # A clean shutdown is not an error: the gateway closes the WebSocket without an ERROR frame.
+    expect(page.locator("#error-banner")).to_be_hidden()
+
+    # The reconnect asks for a snapshot, which may change every price once; after it has arrived, a
+    # further change can only be a live tick, i.e. the rows were subscribed again.
+    page.wait_for_timeout(1_000)
+    wait_for_price_change(page, timeout_s=3.0)
+    page.wait_for_function(ALL_PRICED, arg=SYMBOLS, timeout=1_000)
+
+
+def test_removing_every_symbol_leaves_an_empty_table_that_survives_a_reload(
+    page: Page, gateway: GatewayProcess
+) -> None:
+    open_ticker(page, gateway.url)
+    empty = page.locator("#empty")
+    expect(empty).to_be_hidden()
+    for symbol in SYMBOLS:
+        row(page, symbol).locator("button.remove").click()
+    expect(page.locator("#quotes tbody tr")).to_have_count(0, timeout=1_000)
+    expect(empty).to_be_visible()
+    assert stored_symbols(page) == []
+    # An empty choice is a choice: the reload must not bring the six defaults back.
+    page.reload(wait_until="domcontentloaded", timeout=5_000)
+    expect(page.locator("#status")).to_have_text("Online", timeout=3_000)
+    page.wait_for_timeout(500)
+    expect(page.locator("#quotes tbody tr")).to_have_count(0)
+    expect(empty).to_be_visible()
+    page.fill("#symbol-input", "FB")
+    page.press("#symbol-input", "Enter")
+    page.wait_for_function(ALL_PRICED, arg=["FB"], timeout=3_000)
+    expect(empty).to_be_hidden()
+
+
+def test_stored_symbol_the_price_service_does_not_know_is_dropped_with_a_message(
+    context: BrowserContext, page: Page, gateway: GatewayProcess
+) -> None:
+    # A list saved by an older version of the page (or another price universe), in odd case.
+    stored = json.dumps(["goog", "ZZZZ", "AAPL", "not a symbol!"])
+    context.add_init_script(
+        f"if (!sessionStorage.getItem('e2e-seeded')) {{"
+        f" localStorage.setItem({json.dumps(STORAGE_KEY)}, {json.dumps(stored)});"
+        f" sessionStorage.setItem('e2e-seeded', '1'); }}"
+    )
+    open_ticker(page, gateway.url, symbols=["GOOG", "AAPL"])
+    expect(page.locator("#message")).to_contain_text("Unknown symbol: ZZZZ", timeout=2_000)
+    expect(row(page, "ZZZZ")).to_have_count(0)
+    assert page.evaluate(ROW_SYMBOLS) == ["GOOG", "AAPL"]
+    assert stored_symbols(page) == ["GOOG", "AAPL"]
+    page.reload(wait_until="domcontentloaded", timeout=5_000)
+    page.wait_for_function(ALL_PRICED, arg=["GOOG", "AAPL"], timeout=3_000)
+    assert page.evaluate(ROW_SYMBOLS) == ["GOOG", "AAPL"]
+
+
+# --- the embedded default (make run) ---------------------------------------------------------------------
+
+
+def test_embedded_broker_default_like_make_run(page: Page, embedded_gateway: GatewayProcess) -> None:
+    # The in-process daemon ticks every 0.5-2.5 s per symbol (its defaults); the snapshot fills the rows.
+    open_ticker(page, embedded_gateway.url, within=3.0)
+    expect(page.locator("#status")).to_have_text("Online", timeout=1_000)
+    wait_for_price_change(page, timeout_s=4.0)
+    # Every symbol ticks at least every 2.5 s: snapshot point + one tick each.
+    page.wait_for_function(SPARKLINES_HAVE, arg=[SYMBOLS, 2], timeout=4_000)
+
+
+# --- an ERROR frame ---------------------------------------------------------------------------------------
+
+# The page keeps its stompjs client in a closure, so the test reaches the page's own WebSocket instead:
+# a subclass installed before any page script runs records every socket the page opens.
+CAPTURE_WEBSOCKETS = """(() => {
+  const Native = window.WebSocket;
+  const sockets = [];
+  class Recorded extends Native {
+    constructor(...args) { super(...args); sockets.push(this); }
+  }
+  window.WebSocket = Recorded;
+  window.__e2eSockets = sockets;
+})();"""
+
+# A SEND to a destination RabbitMQ does not know, written on the page's STOMP connection.
+SEND_TO_BAD_DESTINATION = """() => {
+  const ws = window.__e2eSockets.filter((s) => s.readyState === WebSocket.OPEN).pop();
+  if (!ws) return false;
+  ws.send('SEND\\ndestination:/nowhere/e2e\\ncontent-type:text/plain\\n\\nhello\\0');
+  return true;
+}"""
+
+
+def test_error_frame_is_shown_to_the_user(page: Page, gateway: GatewayProcess) -> None:
+    page.add_init_script(CAPTURE_WEBSOCKETS)
+    open_ticker(page, gateway.url)
+    status = page.locator("#status")
+    expect(status).to_have_text("Online", timeout=1_000)
+    banner = page.locator("#error-banner")
+    expect(banner).to_be_hidden()
+
+    assert page.evaluate(SEND_TO_BAD_DESTINATION), "the page has no open WebSocket"
+    expect(banner).to_be_visible(timeout=3_000)
+    expect(page.locator("#error-message")).to_have_text("Unknown destination", timeout=1_000)
+    expect(page.locator("#error-body")).to_contain_text("/nowhere/e2e")
+
+    # One ERROR closes the session; the page reconnects on a new WebSocket (about 2 s of back-off) and
+    # carries on.
+    expect(status).to_have_text("Offline", timeout=3_000)
+    page.wait_for_function(
+        "() => window.__e2eSockets.length >= 2 && window.__e2eSockets.at(-1).readyState === WebSocket.OPEN",
+        timeout=8_000,
+    )
+    expect(status).to_have_text("Online", timeout=3_000)
+    page.wait_for_timeout(1_000)
+    wait_for_price_change(page, timeout_s=3.0)
+    # The user can dismiss the banner.
+    page.click("#error-close")
+    expect(banner).to_be_hidden(timeout=1_000)
