@@ -46,6 +46,10 @@ class Transport(abc.ABC):
     def write(self, data: bytes, text: bool) -> None:
         """Queue one serialized frame for sending (never blocks). ``text`` says the frame is valid UTF-8."""
 
+    def write_message(self, template: MessageTemplate, version: str, subscription: str | None) -> None:
+        """Write a fanned-out MESSAGE; transports may cache their framing of it in ``template.wire``."""
+        self.write(template.render(version, subscription), template.is_text)
+
     @abc.abstractmethod
     def write_heartbeat(self) -> None:
         """Send one EOL."""
@@ -386,8 +390,17 @@ class StompConnection:
         version = session.version
         sub_id = subscription.id
 
+        transport = self.transport
+        loop = self.loop
+        limit = self.settings.max_outbound_buffer
+
         def on_message(template: MessageTemplate) -> None:
-            self._write(template.render(version, sub_id), template.is_text)
+            if self._closing:
+                return
+            transport.write_message(template, version, sub_id)
+            self.last_sent = loop.time()
+            if transport.buffered > limit:
+                self._slow_client()
 
         def on_error(error: BrokerError) -> None:
             if not self._closing:

@@ -240,10 +240,12 @@ class MessageTemplate:
     """A delivery turned into the shared part of a MESSAGE frame, serialized once per version family.
 
     ``render(version, subscription)`` prepends the only per-session header (``subscription``) and, for
-    client ack modes, appends ``ack``. For shared fan-out every session renders the same template.
+    client ack modes, appends ``ack``. For shared fan-out every session renders the same template, and
+    sessions whose subscription ids are equal (every stompjs page calls its first one ``sub-0``) get the
+    very same bytes. ``wire`` is a cache for transports that frame those bytes once more (WebSocket).
     """
 
-    __slots__ = ("_cache", "body", "headers", "is_text")
+    __slots__ = ("_rendered", "_tails", "body", "headers", "is_text", "wire")
 
     def __init__(self, headers: list[tuple[str, str]], body: bytes) -> None:
         self.headers = headers
@@ -254,7 +256,9 @@ class MessageTemplate:
             self.is_text = False
         else:
             self.is_text = True
-        self._cache: dict[str, bytes] = {}
+        self._tails: dict[str, bytes] = {}
+        self._rendered: dict[tuple[str, str | None], bytes] = {}
+        self.wire: dict[tuple[str, str | None], bytes] = {}
 
     @classmethod
     def from_delivery(cls, delivery: Delivery, message_id: str, topic_exchange: str) -> MessageTemplate:
@@ -267,7 +271,7 @@ class MessageTemplate:
         return cls(headers, delivery.body)
 
     def _tail(self, family: str) -> bytes:
-        cached = self._cache.get(family)
+        cached = self._tails.get(family)
         if cached is None:
             parts = [
                 f"{encode_header_value(k, family)}:{encode_header_value(v, family)}\n"
@@ -277,11 +281,20 @@ class MessageTemplate:
             if self.body:
                 parts.append(f"content-length:{len(self.body)}\n")
             cached = "".join(parts).encode() + b"\n" + self.body + b"\x00"
-            self._cache[family] = cached
+            self._tails[family] = cached
         return cached
 
     def render(self, version: str, subscription: str | None, ack: str | None = None) -> bytes:
         family = "1.0" if version == "1.0" else "1.2"
+        if ack is None:
+            key = (family, subscription)
+            rendered = self._rendered.get(key)
+            if rendered is None:
+                rendered = self._rendered[key] = self._render(family, subscription, None)
+            return rendered
+        return self._render(family, subscription, ack)
+
+    def _render(self, family: str, subscription: str | None, ack: str | None) -> bytes:
         head = b"MESSAGE\n"
         if subscription is not None:
             head += b"subscription:" + encode_header_value(subscription, family).encode() + b"\n"

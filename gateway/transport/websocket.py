@@ -20,9 +20,10 @@ from websockets.protocol import State
 from websockets.typing import Subprotocol
 
 from gateway.connection import StompConnection, Transport
+from gateway.stomp.session import MessageTemplate
 from gateway.transport.http import HttpResponder
 
-__all__ = ["SUBPROTOCOLS", "WebSocketTransport", "select_subprotocol", "serve_websocket"]
+__all__ = ["SUBPROTOCOLS", "WebSocketTransport", "select_subprotocol", "serve_websocket", "websocket_frame"]
 
 logger = logging.getLogger(__name__)
 
@@ -40,13 +41,32 @@ def select_subprotocol(connection: ServerConnection, offered: Sequence[Subprotoc
     return None
 
 
-class WebSocketTransport(Transport):
-    """Writes frames as WebSocket messages: text when the frame is UTF-8, binary otherwise."""
+def websocket_frame(payload: bytes, text: bool) -> bytes:
+    """One unfragmented, unmasked server-to-client WebSocket frame (RFC 6455 §5.2)."""
+    first = 0x81 if text else 0x82
+    length = len(payload)
+    if length < 126:
+        header = bytes((first, length))
+    elif length < 65536:
+        header = bytes((first, 126)) + length.to_bytes(2, "big")
+    else:
+        header = bytes((first, 127)) + length.to_bytes(8, "big")
+    return header + payload
 
-    __slots__ = ("ws",)
+
+class WebSocketTransport(Transport):
+    """Writes frames as WebSocket messages: text when the frame is UTF-8, binary otherwise.
+
+    Without extensions (compression off, the default) a server frame is the same bytes for every
+    connection, so a fanned-out MESSAGE is framed once and written as is; with permessage-deflate each
+    connection compresses through websockets itself.
+    """
+
+    __slots__ = ("raw", "ws")
 
     def __init__(self, ws: ServerConnection) -> None:
         self.ws = ws
+        self.raw = not ws.protocol.extensions
 
     def write(self, data: bytes, text: bool) -> None:
         ws = self.ws
@@ -57,6 +77,19 @@ class WebSocketTransport(Transport):
         else:
             ws.protocol.send_binary(data)
         ws.send_data()
+
+    def write_message(self, template: MessageTemplate, version: str, subscription: str | None) -> None:
+        if not self.raw:
+            self.write(template.render(version, subscription), template.is_text)
+            return
+        ws = self.ws
+        if ws.protocol.state is not State.OPEN or ws.transport is None:
+            return
+        key = ("1.0" if version == "1.0" else "1.2", subscription)
+        wire = template.wire.get(key)
+        if wire is None:
+            wire = template.wire[key] = websocket_frame(template.render(version, subscription), template.is_text)
+        ws.transport.write(wire)
 
     def write_heartbeat(self) -> None:
         self.write(_EOL, True)

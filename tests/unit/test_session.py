@@ -1340,9 +1340,14 @@ class TestMessageTemplate:
         assert template._tail("1.2") is tail  # the cached object, not a new serialization
         assert first.endswith(tail)
         assert second.endswith(tail)
-        assert len(template._cache) == 1  # 1.1 and 1.2 escape alike: one family
+        assert len(template._tails) == 1  # 1.1 and 1.2 escape alike: one family
         template.render("1.0", "s1")
-        assert len(template._cache) == 2
+        assert len(template._tails) == 2
+
+    def test_equal_subscription_ids_share_the_bytes(self) -> None:
+        template = MessageTemplate(list(BASE_HEADERS), b"body")
+        assert template.render("1.2", "sub-0") is template.render("1.1", "sub-0")
+        assert template.render("1.2", "sub-1") != template.render("1.2", "sub-0")
 
     def test_render_is_repeatable(self) -> None:
         template = MessageTemplate(list(BASE_HEADERS), b"body")
