@@ -13,7 +13,7 @@ from gateway.broker.base import BrokerError
 from gateway.config import Config, parse_args
 from gateway.server import Gateway
 
-__all__ = ["main", "run"]
+__all__ = ["configure_logging", "main", "run", "serve"]
 
 
 async def run(config: Config) -> int:
@@ -53,8 +53,19 @@ async def run(config: Config) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    config = parse_args(argv)
+def serve(config: Config) -> int:
+    """Run one gateway process (uvloop when installed) until SIGINT/SIGTERM; return its exit code."""
+    runner: Callable[[Coroutine[Any, Any, int]], int]
+    try:
+        import uvloop
+
+        runner = uvloop.run
+    except ImportError:  # pragma: no cover - uvloop is optional off Linux
+        runner = asyncio.run
+    return runner(run(config))
+
+
+def configure_logging(config: Config) -> None:
     logging.basicConfig(
         level=getattr(logging, config.log_level.upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -64,14 +75,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     quiet = logging.DEBUG if config.log_level.upper() == "DEBUG" else logging.CRITICAL
     logging.getLogger("aiormq").setLevel(quiet)
     logging.getLogger("aio_pika").setLevel(quiet)
-    runner: Callable[[Coroutine[Any, Any, int]], int]
-    try:
-        import uvloop
 
-        runner = uvloop.run
-    except ImportError:  # pragma: no cover - uvloop is optional off Linux
-        runner = asyncio.run
-    sys.exit(runner(run(config)))
+
+def main(argv: Sequence[str] | None = None) -> None:
+    config = parse_args(argv)
+    configure_logging(config)
+    if config.workers > 1:
+        from gateway.workers import supervise
+
+        sys.exit(supervise(config))
+    sys.exit(serve(config))
 
 
 if __name__ == "__main__":

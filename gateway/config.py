@@ -149,6 +149,12 @@ class Config:
         "consume a non-durable /topic or /exchange subscription once per AMQP connection and fan out in process",
         kind="bool",
     )
+    workers: int = _setting(
+        1,
+        "--workers",
+        "GATEWAY_WORKERS",
+        "gateway processes sharing the port (SO_REUSEPORT); needs RabbitMQ, as the embedded broker is per process",
+    )
     with_stock_daemon: bool = _setting(
         False,
         "--with-stock-daemon",
@@ -234,6 +240,10 @@ def parse_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | N
         config.amqp_url = "amqp://guest:guest@127.0.0.1:5672/"
     if bool(config.certfile) != bool(config.keyfile):
         raise SystemExit("--certfile and --keyfile go together")
+    if config.workers < 1:
+        raise SystemExit("--workers must be at least 1")
+    if config.workers > 1 and config.broker == "memory":
+        raise SystemExit("--workers > 1 needs RabbitMQ (--amqp-url): the embedded broker lives in one process")
     if config.heartbeat_min > config.heartbeat_max:
         raise SystemExit("--heartbeat-min must not exceed --heartbeat-max")
     return config

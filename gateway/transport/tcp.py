@@ -71,4 +71,6 @@ async def serve_tcp(gateway: Any) -> asyncio.Server:
     if config.certfile:
         ssl_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ssl_context.load_cert_chain(config.certfile, config.keyfile)
-    return await asyncio.start_server(handle, config.host, config.tcp_port, ssl=ssl_context, limit=READ_SIZE)
+    return await asyncio.start_server(
+        handle, config.host, config.tcp_port, ssl=ssl_context, limit=READ_SIZE, reuse_port=config.workers > 1 or None
+    )

@@ -168,5 +168,5 @@ async def serve_websocket(gateway: Any, http: HttpResponder) -> Server:
         max_queue=16,
         write_limit=2**16,
         ssl=ssl_context,
-        reuse_port=getattr(config, "reuse_port", False) or None,
+        reuse_port=config.workers > 1 or None,
     )

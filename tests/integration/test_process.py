@@ -175,3 +175,37 @@ async def test_console_scripts_are_installed(script: str) -> None:
     out, _ = await asyncio.wait_for(process.communicate(), 30)
     assert process.returncode == 0
     assert b"--amqp-url" in out
+
+
+@pytest.mark.rabbitmq_only("several processes share RabbitMQ; the embedded broker lives in one process")
+async def test_workers_share_the_port_and_rabbitmq(backend: str, unique: str) -> None:
+    port = free_port()
+    process = await run_gateway("--workers", "2", "--port", str(port), "--amqp-url", AMQP_URL)
+    try:
+        await wait_for_port(port)
+        await asyncio.sleep(1.5)  # both workers listening
+        clients = [await open_ws(f"ws://127.0.0.1:{port}/ws") for _ in range(16)]
+        for c in clients:
+            await c.connect()
+        hubs: set[str] = set()  # the shared-subscription prefix of message-id differs per worker
+        for i, c in enumerate(clients):
+            await c.send(f"SUBSCRIBE\nid:{i}\ndestination:/topic/w-{unique}\nreceipt:r\n\n\x00".encode())
+            await c.receipt("r")
+        await clients[0].send(f"SEND\ndestination:/topic/w-{unique}\n\nto all\x00".encode())
+        for c in clients:
+            message = await c.receive_command("MESSAGE")
+            assert message.body == b"to all"
+            hubs.add(message.get("message-id", "").split("@@")[0])
+        assert len(hubs) == 2, "16 connections should land on both workers (all on one: p = 2**-15)"
+        process.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(process.wait(), 20)
+        assert process.returncode == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+def test_workers_need_rabbitmq() -> None:
+    with pytest.raises(SystemExit, match="needs RabbitMQ"):
+        parse_args(["--workers", "2"], {})
