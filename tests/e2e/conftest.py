@@ -25,6 +25,8 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Browser, BrowserContext, ConsoleMessage, Page, ViewportSize, sync_playwright
 
+from tests.conftest import rabbitmq_running
+
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "test-artifacts"
 LOGS = ARTIFACTS / "e2e-logs"
@@ -162,14 +164,6 @@ class GatewayProcess(Process):
                 return
             time.sleep(0.05)
         self.fail(f"port {self.port} still accepts connections {timeout} s after the gateway stopped")
-
-
-def rabbitmq_running() -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", 5672), timeout=1):
-            return True
-    except OSError:
-        return False
 
 
 @pytest.fixture(scope="session")
