@@ -121,6 +121,7 @@ class StompConnection:
         self._principal: Any = None
         self._channel: Channel | None = None
         self._declared: set[str] = set()
+        self._confirming = False
         self._temp_queues: dict[str, str] = {}
         self._pending: set[asyncio.Future[None]] = set()
         self._background: set[asyncio.Future[Any]] = set()
@@ -304,6 +305,7 @@ class StompConnection:
             self._channel.on_close = self._channel_closed
             self._declared.clear()
             self._temp_queues.clear()
+            self._confirming = False
         return self._channel
 
     def _channel_closed(self, error: BrokerError) -> None:
@@ -327,6 +329,9 @@ class StompConnection:
                 self._declared.add(declaration.name)
             if action.temp_queue is not None:
                 action.properties.reply_to = await self._temp_queue(channel, action.temp_queue)
+            if action.receipt is not None and not self._confirming:
+                await channel.enable_confirms()
+                self._confirming = True
             future = channel.start_publish(
                 action.exchange, action.routing_key, action.body, action.properties
             )

@@ -160,6 +160,9 @@ class AmqpChannel(Channel):
         self._on_release = on_release
         self._declared_prefetch: int | None = None
         self._backlog: collections.deque[Any] = collections.deque()
+        self._pending_frames: list[Any] = []
+        self._flush_scheduled = False
+        self._confirming = False
         self._flusher: asyncio.Future[None] | None = None
         channel.closing.add_done_callback(self._closing_done)
 
@@ -272,11 +275,12 @@ class AmqpChannel(Channel):
         self, exchange: str, routing_key: str, body: bytes, properties: MessageProperties
     ) -> asyncio.Future[None]:
         """Hand the message to the connection's writer now (call order is publish order); the future
-        resolves on the broker's confirm.
+        resolves on the broker's confirm once :meth:`enable_confirms` ran, at once before that.
 
-        This is aiormq's ``basic_publish`` without its two costs for a gateway: an await per message and
-        a random ``message_id`` stamped on every message (a STOMP SEND without ``amqp-message-id`` must
-        reach AMQP consumers without one, as with RabbitMQ's own STOMP plugin).
+        This is aiormq's ``basic_publish`` without its costs for a gateway: an await and a socket write
+        per message (publishes of one event-loop pass go out in one write) and a random ``message_id``
+        stamped on every message (a STOMP SEND without ``amqp-message-id`` must reach AMQP consumers
+        without one, as with RabbitMQ's own STOMP plugin).
         """
         loop = asyncio.get_running_loop()
         result: asyncio.Future[None] = loop.create_future()
@@ -284,20 +288,30 @@ class AmqpChannel(Channel):
         if ch.is_closed:
             result.set_exception(ChannelClosed())
             return result
+        if len(exchange.encode()) > 255 or len(routing_key.encode()) > 255:
+            result.set_exception(
+                BrokerError(406, "precondition_failed", "exchange names and routing keys are limited to 255 bytes")
+            )
+            return result
         try:
             frames: list[Any] = [
                 spec.Basic.Publish(exchange=exchange, routing_key=routing_key, mandatory=False),
                 ContentHeader(properties=_to_properties(properties), body_size=len(body)),
                 *ch._split_body(body),  # type: ignore[attr-defined]
             ]
-            marshalled = ChannelFrame.marshall(frames=frames, channel_number=ch.number, drain_future=None)
-        except (ValueError, TypeError) as exc:  # pamqp refused to encode a value
+        except (ValueError, TypeError) as exc:
             result.set_exception(_invalid_value(exc))
+            return result
+        self._pending_frames.extend(frames)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            loop.call_soon(self._flush_pending)
+        if not self._confirming:
+            result.set_result(None)
             return result
         ch.delivery_tag += 1  # type: ignore[attr-defined]
         confirmation: asyncio.Future[Any] = ch.create_future()
         ch.confirmations[ch.delivery_tag] = confirmation  # type: ignore[attr-defined]
-        self._enqueue(marshalled)
 
         def done(confirmed: asyncio.Future[Any]) -> None:
             if result.done():
@@ -313,6 +327,33 @@ class AmqpChannel(Channel):
 
         confirmation.add_done_callback(done)
         return result
+
+    def _flush_pending(self) -> None:
+        """Marshal this pass's publishes into one payload for the connection's writer."""
+        self._flush_scheduled = False
+        frames, self._pending_frames = self._pending_frames, []
+        if not frames or self._channel.is_closed:
+            return
+        try:
+            payload = ChannelFrame.marshall(frames=frames, channel_number=self._channel.number)
+        except (ValueError, TypeError):  # only values no STOMP header can produce (checked in headers.py)
+            logger.exception("dropping %d AMQP frames pamqp cannot encode", len(frames))
+            return
+        self._enqueue(payload)
+
+    async def enable_confirms(self) -> None:
+        """Turn publisher confirms on (``confirm.select``), as RabbitMQ's STOMP plugin does at the first
+        SEND that asks for a receipt: until then no SEND pays for a confirm."""
+        if self._confirming:
+            return
+        self._flush_pending()
+        if self._flusher is not None and not self._flusher.done():
+            await self._flusher  # publishes before the select must reach the writer before it
+        await self._call(self._channel.rpc(spec.Confirm.Select()))  # type: ignore[attr-defined]
+        ch = self._channel
+        ch.publisher_confirms = True  # type: ignore[attr-defined]
+        ch.delivery_tag = 0  # type: ignore[attr-defined]  # the broker counts from the select
+        self._confirming = True
 
     def _enqueue(self, frame: Any) -> None:
         """Put a frame on the connection's bounded write queue, keeping order when it is full."""
@@ -341,6 +382,8 @@ class AmqpChannel(Channel):
         *,
         confirm: bool = False,
     ) -> None:
+        if confirm:
+            await self.enable_confirms()
         future = self.start_publish(exchange, routing_key, body, properties)
         if confirm:
             await future
@@ -360,6 +403,7 @@ class AmqpChannel(Channel):
             ).add_done_callback(_ignore_result)
 
     async def close(self) -> None:
+        self._flush_pending()  # publishes of this pass go out before the close
         self._closed_by_us = True
         if not self._channel.is_closed:
             with contextlib.suppress(Exception):
@@ -495,7 +539,7 @@ class AmqpBroker(Broker):
                 pooled.channels -= 1
 
         try:
-            channel = await pooled.underlay.channel(publisher_confirms=True)
+            channel = await pooled.underlay.channel(publisher_confirms=False)
         except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
             release()
             raise _broker_error(exc) from exc

@@ -203,6 +203,11 @@ class Channel(abc.ABC):
         """Publish. With ``confirm=True`` return only after the broker confirmed it (raise
         :class:`PublishNacked` on a nack). Without, return as soon as it is handed over."""
 
+    async def enable_confirms(self) -> None:  # noqa: B027 - a no-op where confirms cost nothing
+        """Make later :meth:`start_publish` futures wait for the broker's confirm. Before this call they
+        may resolve as soon as the message is handed over (RabbitMQ's STOMP plugin also turns confirms on
+        at the first SEND that asks for a receipt). Idempotent."""
+
     def start_publish(
         self, exchange: str, routing_key: str, body: bytes, properties: MessageProperties
     ) -> asyncio.Future[None]:
