@@ -34,6 +34,7 @@ messages, dropping the oldest), :data:`MAX_DISPATCH_BATCH` (deliveries per queue
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import base64
 import dataclasses
@@ -406,7 +407,7 @@ def _parse_expiration(expiration: str) -> int:
 # Exchanges: each turns a routing key into the queues it reaches
 
 
-class _Exchange:
+class _Exchange(abc.ABC):
     __slots__ = ("durable", "name", "type")
 
     def __init__(self, name: str, type: str, durable: bool) -> None:
@@ -414,15 +415,15 @@ class _Exchange:
         self.type = type
         self.durable = durable
 
+    @abc.abstractmethod
     def route(self, routing_key: str) -> Iterable[_Queue]:
         """The queues a message with ``routing_key`` goes to, each once. Do not bind while iterating."""
-        raise NotImplementedError
 
-    def bind(self, queue: _Queue, binding_key: str) -> None:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def bind(self, queue: _Queue, binding_key: str) -> None: ...
 
-    def unbind(self, queue: _Queue, binding_key: str) -> None:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def unbind(self, queue: _Queue, binding_key: str) -> None: ...
 
 
 class _DefaultExchange(_Exchange):
@@ -437,6 +438,11 @@ class _DefaultExchange(_Exchange):
     def route(self, routing_key: str) -> Iterable[_Queue]:
         queue = self._queues.get(routing_key)
         return () if queue is None else (queue,)
+
+    def bind(self, queue: _Queue, binding_key: str) -> None:
+        raise BrokerError(403, "access_refused", "operation not permitted on the default exchange")
+
+    unbind = bind
 
 
 class _DirectExchange(_Exchange):
