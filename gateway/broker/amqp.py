@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import contextvars
 import datetime
 import hashlib
 import logging
@@ -33,6 +34,7 @@ import pamqp.exceptions
 import pamqp.frame
 from aiormq.abc import ChannelFrame
 from pamqp import commands as spec
+from pamqp.body import ContentBody
 from pamqp.common import FieldTable
 from pamqp.header import ContentHeader
 
@@ -73,6 +75,12 @@ class _BufferedFrameReceiver(aiormq.connection.FrameReceiver):
         super().__init__(reader)
         self._buffer = bytearray()
         self._frames: collections.deque[Any] = collections.deque()
+        #: (channel number, consumer tag) -> callback: deliveries handed over right here, see _intercept
+        self.fast: dict[tuple[int, str], DeliverCallback] = {}
+        self._assembling: dict[int, _Assembly] = {}
+        slot = _RECEIVER_SLOT.get(None)
+        if slot is not None:
+            slot.append(self)
 
     async def get_frame(self) -> Any:
         frames = self._frames
@@ -104,13 +112,80 @@ class _BufferedFrameReceiver(aiormq.connection.FrameReceiver):
             if end > end_of_data:
                 break
             try:
-                self._frames.append(pamqp.frame.unmarshal(bytes(buf[pos:end])))
+                received = pamqp.frame.unmarshal(bytes(buf[pos:end]))
             except pamqp.exceptions.PAMQPException as exc:
                 raise aiormq.exceptions.InvalidFrameError(str(exc)) from exc
             pos = end
+            if not (self.fast and self._intercept(received[1], received[2])):
+                self._frames.append(received)
         if pos:
             del buf[:pos]
 
+
+    def _intercept(self, channel: int, frame: Any) -> bool:
+        """Deliveries for a registered consumer go straight to its callback, without aiormq's per-channel
+        queue, reader task and task per message (the other half of the relay cost). True if taken."""
+        assembly = self._assembling.get(channel)
+        if assembly is not None:
+            if isinstance(frame, ContentHeader):
+                assembly.header = frame
+            elif isinstance(frame, ContentBody):
+                assembly.parts.append(frame.value)
+                assembly.size += len(frame.value)
+            else:  # a protocol violation: let aiormq see it
+                del self._assembling[channel]
+                return False
+            if assembly.header is not None and assembly.size >= (assembly.header.body_size or 0):
+                del self._assembling[channel]
+                assembly.finish()
+            return True
+        if type(frame) is spec.Basic.Deliver:
+            callback = self.fast.get((channel, frame.consumer_tag or ""))
+            if callback is not None:
+                self._assembling[channel] = _Assembly(frame, callback)
+                return True
+        return False
+
+    def forget_channel(self, channel: int) -> None:
+        self._assembling.pop(channel, None)
+        for key in [key for key in self.fast if key[0] == channel]:
+            del self.fast[key]
+
+
+class _Assembly:
+    """A delivery whose content frames are still arriving."""
+
+    __slots__ = ("callback", "deliver", "header", "parts", "size")
+
+    def __init__(self, deliver: spec.Basic.Deliver, callback: DeliverCallback) -> None:
+        self.deliver = deliver
+        self.callback = callback
+        self.header: ContentHeader | None = None
+        self.parts: list[bytes] = []
+        self.size = 0
+
+    def finish(self) -> None:
+        deliver = self.deliver
+        assert self.header is not None
+        parts = self.parts
+        try:
+            self.callback(
+                Delivery(
+                    consumer_tag=deliver.consumer_tag or "",
+                    delivery_tag=deliver.delivery_tag or 0,
+                    exchange=deliver.exchange or "",
+                    routing_key=deliver.routing_key or "",
+                    redelivered=bool(deliver.redelivered),
+                    body=parts[0] if len(parts) == 1 else b"".join(parts),
+                    properties=_from_properties(self.header.properties),
+                )
+            )
+        except Exception:  # one consumer's failure must not stop the connection's reader
+            logger.exception("delivery callback failed")
+
+
+#: Set around a connect so that its frame receiver can be found (aiormq keeps it to itself).
+_RECEIVER_SLOT: contextvars.ContextVar[list[_BufferedFrameReceiver]] = contextvars.ContextVar("receiver_slot")
 
 # Installed for every aiormq connection of this process (aiormq is pinned to 7.2.x for this).
 aiormq.connection.FrameReceiver = _BufferedFrameReceiver  # type: ignore[misc]
@@ -211,8 +286,11 @@ class Principal:
 class AmqpChannel(Channel):
     """A session's channel: aiormq underneath, publisher confirms on."""
 
-    def __init__(self, channel: aiormq.abc.AbstractChannel, on_release: Any) -> None:
+    def __init__(
+        self, channel: aiormq.abc.AbstractChannel, on_release: Any, receiver: _BufferedFrameReceiver | None = None
+    ) -> None:
         self._channel = channel
+        self._receiver = receiver
         self._closed_by_us = False
         self._on_release = on_release
         self._declared_prefetch: int | None = None
@@ -225,6 +303,8 @@ class AmqpChannel(Channel):
 
     def _closing_done(self, future: asyncio.Future[Any]) -> None:
         self._on_release()
+        if self._receiver is not None:
+            self._receiver.forget_channel(self._channel.number)
         if self._closed_by_us or self.on_close is None:
             return
         exc = None if future.cancelled() else future.exception()
@@ -313,20 +393,31 @@ class AmqpChannel(Channel):
                 )
             )
 
-        ok = await self._call(
-            self._channel.basic_consume(
-                queue,
-                on_message,
-                no_ack=no_ack,
-                exclusive=exclusive,
-                arguments=FieldTable(arguments or {}),
-                consumer_tag=consumer_tag or None,
+        tag = consumer_tag or f"ctag{self._channel.number}.{secrets.token_hex(8)}"
+        key = (self._channel.number, tag)
+        if self._receiver is not None:
+            self._receiver.fast[key] = callback  # before basic.consume: the first delivery already goes there
+        try:
+            ok = await self._call(
+                self._channel.basic_consume(
+                    queue,
+                    on_message,
+                    no_ack=no_ack,
+                    exclusive=exclusive,
+                    arguments=FieldTable(arguments or {}),
+                    consumer_tag=tag,
+                )
             )
-        )
+        except BaseException:
+            if self._receiver is not None:
+                self._receiver.fast.pop(key, None)
+            raise
         return str(ok.consumer_tag)
 
     async def cancel(self, consumer_tag: str) -> None:
         await self._call(self._channel.basic_cancel(consumer_tag))
+        if self._receiver is not None:
+            self._receiver.fast.pop((self._channel.number, consumer_tag), None)
 
     def start_publish(
         self, exchange: str, routing_key: str, body: bytes, properties: MessageProperties
@@ -475,8 +566,11 @@ def _ignore_result(future: asyncio.Future[Any]) -> None:
 class _Pooled:
     """One shared AMQP connection and the number of channels open on it."""
 
-    def __init__(self, connection: aio_pika.abc.AbstractConnection) -> None:
+    def __init__(
+        self, connection: aio_pika.abc.AbstractConnection, receiver: _BufferedFrameReceiver | None
+    ) -> None:
         self.connection = connection
+        self.receiver = receiver
         self.channels = 0
 
     @property
@@ -578,8 +672,13 @@ class AmqpBroker(Broker):
             for pooled in pool:
                 if pooled.channels < self.sessions_per_connection:
                     return pooled
-            connection = await self._connect(principal.url)
-            pooled = _Pooled(connection)
+            slot: list[_BufferedFrameReceiver] = []
+            token = _RECEIVER_SLOT.set(slot)
+            try:
+                connection = await self._connect(principal.url)
+            finally:
+                _RECEIVER_SLOT.reset(token)
+            pooled = _Pooled(connection, slot[0] if len(slot) == 1 else None)
             pool.append(pooled)
             return pooled
 
@@ -600,7 +699,7 @@ class AmqpBroker(Broker):
         except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
             release()
             raise _broker_error(exc) from exc
-        return AmqpChannel(channel, release)
+        return AmqpChannel(channel, release, pooled.receiver)
 
     def shared_key(self, principal: Any) -> Any:
         assert isinstance(principal, Principal)
