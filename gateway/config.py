@@ -112,12 +112,6 @@ class Config:
         "GATEWAY_MAX_OUTBOUND_BUFFER",
         "bytes queued for one slow client before it is disconnected with an ERROR",
     )
-    max_inbound_frames: int = _setting(
-        64,
-        "--max-inbound-frames",
-        "GATEWAY_MAX_INBOUND_FRAMES",
-        "parsed frames waiting for the broker before reading pauses",
-    )
     login_timeout: float = _setting(
         10.0, "--login-timeout", "GATEWAY_LOGIN_TIMEOUT", "seconds to send CONNECT"
     )

@@ -82,14 +82,12 @@ class ConnectionSettings:
         session: SessionSettings | None = None,
         login_timeout: float = 10.0,
         max_outbound_buffer: int = 4 * 1024 * 1024,
-        max_inbound_frames: int = 64,
         close_timeout: float = 5.0,
     ) -> None:
         self.limits = limits or Limits()
         self.session = session or SessionSettings()
         self.login_timeout = login_timeout
         self.max_outbound_buffer = max_outbound_buffer
-        self.max_inbound_frames = max_inbound_frames
         self.close_timeout = close_timeout
 
 
@@ -116,7 +114,6 @@ class StompConnection:
         self.last_received = self.last_sent = self.loop.time()
         self.closed = asyncio.Event()
         self.debug = logger.isEnabledFor(logging.DEBUG)
-        self._inbound: asyncio.Queue[Frame | ProtocolError] = asyncio.Queue(settings.max_inbound_frames)
         self._closing = False
         self._principal: Any = None
         self._channel: Channel | None = None
@@ -125,28 +122,39 @@ class StompConnection:
         self._temp_queues: dict[str, str] = {}
         self._pending: set[asyncio.Future[None]] = set()
         self._background: set[asyncio.Future[Any]] = set()
-        self._tasks = [
-            asyncio.create_task(self._process(), name=f"stomp-process-{peer}"),
-            asyncio.create_task(self._login_timer(), name=f"stomp-login-{peer}"),
-        ]
+        self._login_task = asyncio.create_task(self._login_timer(), name=f"stomp-login-{peer}")
+        self._tasks = [self._login_task]
 
     # -- input ------------------------------------------------------------------------------------------
 
     async def receive_data(self, data: bytes) -> None:
-        """Parse bytes from the client; waits (back-pressure) while the broker is behind."""
+        """Parse bytes from the client and handle the frames, in order.
+
+        Returns when their broker operations have been started (publishes are not awaited: confirms
+        run in the background), so the transport reads no further while the broker is behind.
+        """
         if self._closing:
             return
         self.last_received = self.loop.time()
         try:
-            frames: list[Frame | ProtocolError] = list(self.parser.receive_data(data))
+            frames = self.parser.receive_data(data)
         except ProtocolError as error:
-            # Behind the frames already queued: they are handled first, then the ERROR and the close.
-            await self._inbound.put(error)
+            await self._run(self.session.fail(error))
             return
-        if self.parser.error is not None:
-            frames.append(self.parser.error)  # good frames first, then the ERROR
-        for frame in frames:
-            await self._inbound.put(frame)
+        try:
+            for frame in frames:
+                if self._closing:
+                    return
+                if self.debug:
+                    logger.debug("%s > %s %s", self.peer, frame.command, frame.headers)
+                await self._run(self.session.receive_frame(frame))
+            if self.parser.error is not None and not self._closing:  # after the good frames of this chunk
+                await self._run(self.session.fail(self.parser.error))
+        except Exception:
+            logger.exception("session %s failed", self.session.id)
+            await self._run(
+                self.session.fail(ProtocolError("Internal error", "The gateway failed; see its log.\n"))
+            )
 
     async def connection_lost(self) -> None:
         """The client went away (or we closed): release everything."""
@@ -156,24 +164,6 @@ class StompConnection:
         await self._cleanup()
 
     # -- processing -------------------------------------------------------------------------------------
-
-    async def _process(self) -> None:
-        try:
-            while not self._closing:
-                frame = await self._inbound.get()
-                if isinstance(frame, ProtocolError):
-                    await self._run(self.session.fail(frame))
-                    continue
-                if self.debug:
-                    logger.debug("%s > %s %s", self.peer, frame.command, frame.headers)
-                await self._run(self.session.receive_frame(frame))
-        except asyncio.CancelledError:
-            pass
-        except Exception:
-            logger.exception("session %s failed", self.session.id)
-            await self._run(
-                self.session.fail(ProtocolError("Internal error", "The gateway failed; see its log.\n"))
-            )
 
     async def _run(self, actions: list[Action]) -> None:
         for action in actions:
@@ -280,7 +270,7 @@ class StompConnection:
         except BrokerError as error:
             await self._fail(error)
             return
-        self._tasks[1].cancel()  # the login timer
+        self._login_task.cancel()
         self.parser.version = self.session.version
         self.parser.authenticated = True
         # The parser held back whatever the client pipelined behind CONNECT; decode it now, for the

@@ -64,7 +64,6 @@ class Gateway:
             ),
             login_timeout=config.login_timeout,
             max_outbound_buffer=config.max_outbound_buffer,
-            max_inbound_frames=config.max_inbound_frames,
         )
         self.connections: set[StompConnection] = set()
         self.metrics = CollectorRegistry()
