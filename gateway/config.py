@@ -106,6 +106,12 @@ class Config:
         "GATEWAY_MAX_TRANSACTION_FRAMES",
         "most frames buffered in one transaction",
     )
+    max_transaction_bytes: int = _setting(
+        16 * 1024 * 1024,
+        "--max-transaction-bytes",
+        "GATEWAY_MAX_TRANSACTION_BYTES",
+        "bytes of bodies one session may hold in open transactions",
+    )
     max_outbound_buffer: int = _setting(
         4 * 1024 * 1024,
         "--max-outbound-buffer",

@@ -36,6 +36,9 @@ from gateway.stomp.session import (
 
 __all__ = ["ConnectionSettings", "StompConnection", "Transport"]
 
+#: Frames handled from one read before the reader lets other connections run.
+YIELD_EVERY = 64
+
 logger = logging.getLogger(__name__)
 
 
@@ -118,6 +121,8 @@ class StompConnection:
         self._principal: Any = None
         self._channel: Channel | None = None
         self._declared: set[str] = set()
+        self._exclusive_queues: set[str] = set()
+        self._receiving = False
         self._confirming = False
         self._temp_queues: dict[str, str] = {}
         self._pending: set[asyncio.Future[None]] = set()
@@ -141,13 +146,16 @@ class StompConnection:
         except ProtocolError as error:
             await self._run(self.session.fail(error))
             return
+        self._receiving = True  # the client is not silent while its frames wait for the broker
         try:
-            for frame in frames:
+            for count, frame in enumerate(frames, 1):
                 if self._closing:
                     return
                 if self.debug:
                     logger.debug("%s > %s %s", self.peer, frame.command, frame.headers)
                 await self._run(self.session.receive_frame(frame))
+                if count % YIELD_EVERY == 0:
+                    await asyncio.sleep(0)  # one client's big batch must not hold the event loop
             if self.parser.error is not None and not self._closing:  # after the good frames of this chunk
                 await self._run(self.session.fail(self.parser.error))
         except Exception:
@@ -155,6 +163,9 @@ class StompConnection:
             await self._run(
                 self.session.fail(ProtocolError("Internal error", "The gateway failed; see its log.\n"))
             )
+        finally:
+            self._receiving = False
+            self.last_received = self.loop.time()
 
     async def connection_lost(self) -> None:
         """The client went away (or we closed): release everything."""
@@ -251,7 +262,7 @@ class StompConnection:
             if send_every and now - self.last_sent >= send_every / 1000 - tick / 2:
                 self.transport.write_heartbeat()
                 self.last_sent = now
-            if expect_every and now - self.last_received > 2 * expect_every / 1000:
+            if expect_every and not self._receiving and now - self.last_received > 2 * expect_every / 1000:
                 await self._run(
                     self.session.fail(
                         ProtocolError(
@@ -270,7 +281,10 @@ class StompConnection:
         except BrokerError as error:
             await self._fail(error)
             return
-        self._login_task.cancel()
+        if self._closing:
+            return
+        if self._login_task is not asyncio.current_task():
+            self._login_task.cancel()
         self.parser.version = self.session.version
         self.parser.authenticated = True
         # The parser held back whatever the client pipelined behind CONNECT; decode it now, for the
@@ -291,7 +305,11 @@ class StompConnection:
 
     async def _own_channel(self) -> Channel:
         if self._channel is None or not self._channel.is_open:
-            self._channel = await self.broker.open_channel(self._principal)
+            channel = await self.broker.open_channel(self._principal)
+            if self._closing:  # the session ended while the channel was opening
+                await channel.close()
+                raise ChannelClosed("session closed")
+            self._channel = channel
             self._channel.on_close = self._channel_closed
             self._declared.clear()
             self._temp_queues.clear()
@@ -317,6 +335,8 @@ class StompConnection:
                     arguments=declaration.arguments,
                 )
                 self._declared.add(declaration.name)
+                if declaration.exclusive:
+                    self._exclusive_queues.add(declaration.name)
             if action.temp_queue is not None:
                 action.properties.reply_to = await self._temp_queue(channel, action.temp_queue)
             if action.receipt is not None and not self._confirming:
@@ -330,6 +350,7 @@ class StompConnection:
             return
         self._pending.add(future)
         future.add_done_callback(lambda f: self._confirmed(f, action.receipt))
+        await channel.drain()
 
     def _confirmed(self, future: asyncio.Future[None], receipt: Frame | None) -> None:
         self._pending.discard(future)
@@ -427,6 +448,10 @@ class StompConnection:
                         auto_delete=declaration.auto_delete,
                         arguments=declaration.arguments,
                     )
+                    if declaration.exclusive:
+                        # AMQP ties exclusive queues to the (shared) connection: delete it when the
+                        # session ends, or now if the bind or consume fails (as RabbitMQ's plugin does).
+                        self._exclusive_queues.add(queue)
                 if plan.exchange is not None:
                     await channel.bind_queue(queue, plan.exchange, plan.binding_key)
                 deliverer = self._own_deliverer(subscription)
@@ -524,6 +549,23 @@ class StompConnection:
         if self._channel is not None:
             await self._channel.close()  # unacknowledged deliveries go back to their queues
             self._channel = None
+        if self._exclusive_queues and self._principal is not None:
+            await self._delete_exclusive_queues()
+
+    async def _delete_exclusive_queues(self) -> None:
+        """The AMQP connection outlives the session: its exclusive queues must go explicitly."""
+        queues, self._exclusive_queues = self._exclusive_queues, set()
+        try:
+            channel = await self.broker.open_channel(self._principal)
+        except BrokerError:
+            return  # the connection is gone, and its exclusive queues with it
+        try:
+            for queue in queues:
+                await channel.delete_queue(queue)
+        except BrokerError as error:
+            logger.warning("%s: could not delete exclusive queue: %s", self.peer, error)
+        finally:
+            await channel.close()
 
 
 class _Deliverer:

@@ -100,11 +100,14 @@ class FanoutHub:
                 sink.on_error(error)
             group.sinks.clear()
 
-    async def _probe_exchange(self, exchange: str) -> None:
-        """Check that ``exchange`` exists on a throwaway channel (a failed passive declare closes it)."""
+    async def _probe(self, exchange: str, binding_key: str) -> None:
+        """Try the binding on a throwaway channel first: a missing exchange (404) or a refused topic
+        permission (403) closes that channel, not the shared one every sink of this hub depends on."""
         channel = await self.broker.open_channel(self.principal)
         try:
-            await channel.check_exchange(exchange)
+            queue = await channel.declare_queue("", exclusive=True, auto_delete=True)
+            await channel.bind_queue(queue, exchange, binding_key)
+            await channel.delete_queue(queue)
         finally:
             await channel.close()
 
@@ -137,8 +140,7 @@ class FanoutHub:
         sink.group = group
 
     async def _create(self, group: _Group) -> None:
-        if group.exchange != "amq.topic":
-            await self._probe_exchange(group.exchange)
+        await self._probe(group.exchange, group.binding_key)
         channel = await self._consumer_channel()
         group.queue = await channel.declare_queue("", exclusive=True, auto_delete=True)
         await channel.bind_queue(group.queue, group.exchange, group.binding_key)

@@ -59,6 +59,7 @@ class Gateway:
                 max_subscriptions=config.max_subscriptions,
                 max_transactions=config.max_transactions,
                 max_transaction_frames=config.max_transaction_frames,
+                max_transaction_bytes=config.max_transaction_bytes,
                 server_name=config.server_name,
                 shared_fanout=config.shared_fanout,
             ),

@@ -32,6 +32,7 @@ import aiormq.connection
 import pamqp.constants
 import pamqp.exceptions
 import pamqp.frame
+import pamqp.heartbeat
 from aiormq.abc import ChannelFrame
 from pamqp import commands as spec
 from pamqp.body import ContentBody
@@ -84,7 +85,12 @@ class _BufferedFrameReceiver(aiormq.connection.FrameReceiver):
 
     async def get_frame(self) -> Any:
         frames = self._frames
+        intercepted = False
         while not frames:
+            if intercepted:
+                # Deliveries were taken by _intercept: report a no-op frame so that aiormq still sees
+                # traffic (it declares a connection stuck after three heartbeat intervals without frames).
+                return _NO_OP_FRAME
             try:
                 data = await self.reader.read(self.READ_SIZE)
             except OSError as exc:
@@ -96,10 +102,12 @@ class _BufferedFrameReceiver(aiormq.connection.FrameReceiver):
                     f"Server connection unexpectedly closed with {len(self._buffer)} bytes of a frame read"
                 )
             self._buffer += data
-            self._parse()
+            intercepted = self._parse() or intercepted
         return frames.popleft()
 
-    def _parse(self) -> None:
+    def _parse(self) -> bool:
+        """Parse every complete frame; True if any delivery frame was taken by :meth:`_intercept`."""
+        intercepted = False
         buf = self._buffer
         end_of_data = len(buf)
         pos = 0
@@ -116,10 +124,13 @@ class _BufferedFrameReceiver(aiormq.connection.FrameReceiver):
             except pamqp.exceptions.PAMQPException as exc:
                 raise aiormq.exceptions.InvalidFrameError(str(exc)) from exc
             pos = end
-            if not (self.fast and self._intercept(received[1], received[2])):
+            if self.fast and self._intercept(received[1], received[2]):
+                intercepted = True
+            else:
                 self._frames.append(received)
         if pos:
             del buf[:pos]
+        return intercepted
 
 
     def _intercept(self, channel: int, frame: Any) -> bool:
@@ -183,6 +194,8 @@ class _Assembly:
         except Exception:  # one consumer's failure must not stop the connection's reader
             logger.exception("delivery callback failed")
 
+
+_NO_OP_FRAME = (8, 0, pamqp.heartbeat.Heartbeat())
 
 #: Set around a connect so that its frame receiver can be found (aiormq keeps it to itself).
 _RECEIVER_SLOT: contextvars.ContextVar[list[_BufferedFrameReceiver]] = contextvars.ContextVar("receiver_slot")
@@ -482,12 +495,21 @@ class AmqpChannel(Channel):
         frames, self._pending_frames = self._pending_frames, []
         if not frames or self._channel.is_closed:
             return
+        # aiormq's writer drains the socket after a frame that carries a drain future: so the writer, then
+        # the write queue, then this channel's backlog and finally drain() hold publishers back while
+        # RabbitMQ is not reading (memory alarm, flow control).
+        drained: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         try:
-            payload = ChannelFrame.marshall(frames=frames, channel_number=self._channel.number)
+            payload = ChannelFrame.marshall(frames=frames, channel_number=self._channel.number, drain_future=drained)
         except (ValueError, TypeError):  # only values no STOMP header can produce (checked in headers.py)
             logger.exception("dropping %d AMQP frames pamqp cannot encode", len(frames))
             return
         self._enqueue(payload)
+
+    async def drain(self) -> None:
+        """Wait while publishes are queued behind a full writer (back-pressure for the client's reader)."""
+        if self._backlog and self._flusher is not None and not self._flusher.done():
+            await asyncio.wait([self._flusher])
 
     async def enable_confirms(self) -> None:
         """Turn publisher confirms on (``confirm.select``), as RabbitMQ's STOMP plugin does at the first
@@ -552,6 +574,8 @@ class AmqpChannel(Channel):
 
     async def close(self) -> None:
         self._flush_pending()  # publishes of this pass go out before the close
+        if self._flusher is not None and not self._flusher.done():
+            await asyncio.wait([self._flusher], timeout=5)  # and those held in the backlog too
         self._closed_by_us = True
         if not self._channel.is_closed:
             with contextlib.suppress(Exception):

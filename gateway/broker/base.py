@@ -208,6 +208,9 @@ class Channel(abc.ABC):
         may resolve as soon as the message is handed over (RabbitMQ's STOMP plugin also turns confirms on
         at the first SEND that asks for a receipt). Idempotent."""
 
+    async def drain(self) -> None:  # noqa: B027 - a no-op for brokers that never hold publishes back
+        """Wait while this channel's publishes are held back by the broker (flow control)."""
+
     def start_publish(
         self, exchange: str, routing_key: str, body: bytes, properties: MessageProperties
     ) -> asyncio.Future[None]:

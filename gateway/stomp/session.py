@@ -319,6 +319,7 @@ class SessionSettings:
     max_subscriptions: int = 1000
     max_transactions: int = 100
     max_transaction_frames: int = 10_000
+    max_transaction_bytes: int = 16 * 1024 * 1024
     server_name: str = "stomp-ws-gateway/0.1"
     shared_fanout: bool = True
 
@@ -328,6 +329,14 @@ def _uint(text: str) -> int:
     if not text or not text.isascii() or not text.isdigit():
         raise ValueError(text)
     return int(text)
+
+
+def _check_consumer_tag(tag: str) -> None:
+    """AMQP consumer tags are short strings: the subscription id (or destination) must fit."""
+    if len(tag.encode()) > 255:
+        raise ProtocolError(
+            "Invalid header", "The subscription id (or destination, without an id) is longer than AMQP allows\n"
+        )
 
 
 def _int(text: str) -> int:
@@ -363,6 +372,9 @@ class Session:
         self.vhost = ""
         self.subscriptions: dict[str, Subscription] = {}
         self.transactions: dict[str, list[Frame]] = {}
+        self._transaction_bytes = 0  # bodies buffered in all open transactions
+        #: ``/temp-queue/...`` names used in reply-to: each is a broker queue and consumer
+        self.temp_queues: set[str] = set()
         #: ack id -> subscription key, for client ack modes
         self._ack_index: dict[str, str] = {}
         self._tag_counter = 0
@@ -462,6 +474,10 @@ class Session:
         reply_to = frame.get("reply-to")
         if reply_to is not None and reply_to.startswith("/temp-queue/"):
             temp_queue = reply_to
+            if reply_to not in self.temp_queues:
+                _check_consumer_tag("T_" + reply_to)
+                self._check_subscription_room()
+                self.temp_queues.add(reply_to)
         properties = properties_from_send(frame.headers)
         exchange, routing_key = routing_pair(destination, self.settings.topic_exchange)
         declare = send_declaration(destination, dict(self._first_headers(frame)))
@@ -489,12 +505,8 @@ class Session:
             raise ProtocolError(
                 "Duplicated subscription identifier", f"A subscription identified by '{key}' already exists."
             )
-        if len(self.subscriptions) >= self.settings.max_subscriptions:
-            raise ProtocolError(
-                "Too many subscriptions",
-                f"A session may hold at most {self.settings.max_subscriptions} subscriptions "
-                "(setting --max-subscriptions)\n",
-            )
+        _check_consumer_tag(key)
+        self._check_subscription_room()
         ack = frame.get("ack", "auto") or "auto"
         if ack not in ACK_MODES:
             raise ProtocolError(
@@ -544,6 +556,14 @@ class Session:
         )
         self.subscriptions[key] = subscription
         return [Subscribe(subscription, _receipt(frame))]
+
+    def _check_subscription_room(self) -> None:
+        if len(self.subscriptions) + len(self.temp_queues) >= self.settings.max_subscriptions:
+            raise ProtocolError(
+                "Too many subscriptions",
+                f"A session may hold at most {self.settings.max_subscriptions} subscriptions, temporary "
+                "reply queues included (setting --max-subscriptions)\n",
+            )
 
     def _on_unsubscribe(self, frame: Frame) -> list[Action]:
         sub_id = frame.get("id")
@@ -627,6 +647,13 @@ class Session:
         buffered = self.transactions.get(transaction)
         if buffered is None:
             raise ProtocolError("Bad transaction", f'Invalid transaction identifier: "{transaction}"\n')
+        size = len(frame.body)
+        if self._transaction_bytes + size > self.settings.max_transaction_bytes:
+            raise ProtocolError(
+                "Transaction too large",
+                f"Open transactions may buffer at most {self.settings.max_transaction_bytes} bytes of bodies "
+                "(setting --max-transaction-bytes)\n",
+            )
         if len(buffered) >= self.settings.max_transaction_frames:
             raise ProtocolError(
                 "Transaction too large",
@@ -648,13 +675,18 @@ class Session:
                 frame.body,
             )
         )
+        self._transaction_bytes += size
         return self._receipt_only(frame)
+
+    def _release(self, buffered: list[Frame]) -> None:
+        self._transaction_bytes -= sum(len(held.body) for held in buffered)
 
     def _on_commit(self, frame: Frame) -> list[Action]:
         transaction = self._transaction_id(frame)
         buffered = self.transactions.pop(transaction, None)
         if buffered is None:
             raise ProtocolError("Bad transaction", f'Invalid transaction identifier: "{transaction}"\n')
+        self._release(buffered)
         actions: list[Action] = []
         for held in buffered:
             actions.extend(self._dispatch(held))
@@ -665,8 +697,10 @@ class Session:
 
     def _on_abort(self, frame: Frame) -> list[Action]:
         transaction = self._transaction_id(frame)
-        if self.transactions.pop(transaction, None) is None:
+        buffered = self.transactions.pop(transaction, None)
+        if buffered is None:
             raise ProtocolError("Bad transaction", f'Invalid transaction identifier: "{transaction}"\n')
+        self._release(buffered)
         return self._receipt_only(frame)
 
     @staticmethod

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 
-from gateway.broker.base import Channel, Delivery, MessageProperties
+import pytest
+
+from gateway.broker.base import BrokerError, Channel, Delivery, MessageProperties
 from gateway.server import Gateway
 from tests.stomp_client import StompClient, frame, open_ws
 
@@ -487,7 +489,6 @@ class TestReceiptsAndDisconnect:
         await send(good, f"/topic/iso-{unique}", "still here")
         assert (await good.receive_command("MESSAGE")).body == b"still here"
 
-
     async def test_frames_before_a_malformed_one_are_not_lost(
         self, ws_url: str, clients: list[StompClient], unique: str
     ) -> None:
@@ -499,6 +500,53 @@ class TestReceiptsAndDisconnect:
         error = await sender.receive_command("ERROR")
         assert error.get("message") == "Invalid frame"
         assert (await receiver.receive_command("MESSAGE")).body == b"kept"
+
+    async def test_a_missing_exchange_does_not_disturb_shared_subscriptions(
+        self, ws_url: str, clients: list[StompClient], unique: str
+    ) -> None:
+        watcher = await connected_client(ws_url, clients)
+        await subscribe(watcher, f"/topic/calm-{unique}")
+        careless = await connected_client(ws_url, clients)
+        await careless.send(frame("SUBSCRIBE", destination=f"/exchange/none-{unique}/k", id="x"))
+        assert (await careless.receive_command("ERROR")).get("message") == "not_found"
+        await send(watcher, f"/topic/calm-{unique}", "still shared")
+        assert (await watcher.receive_command("MESSAGE")).body == b"still shared"
+
+
+class TestExclusiveQueues:
+    """AMQP exclusive queues belong to a connection, which sessions share: the gateway deletes them."""
+
+    async def test_exclusive_queue_of_a_send_goes_with_the_session(
+        self, ws_url: str, clients: list[StompClient], backdoor: Channel, unique: str
+    ) -> None:
+        c = await connected_client(ws_url, clients)
+        await send(c, f"/queue/excl-{unique}", "x", durable="false")
+        await c.send(frame("DISCONNECT", receipt="bye"))
+        await c.receipt("bye")
+        await c.wait_closed()
+        await asyncio.sleep(0.3)
+        with pytest.raises(BrokerError) as gone:
+            await backdoor.declare_queue(f"excl-{unique}", passive=True)
+        assert gone.value.code == 404
+
+    async def test_failed_subscribe_leaves_no_queue(
+        self, connected: StompClient, backdoor: Channel, unique: str
+    ) -> None:
+        await connected.send(
+            frame(
+                "SUBSCRIBE",
+                destination=f"/exchange/none-{unique}/k",
+                id="1",
+                ack="client",
+                x_queue_name=f"orphan-{unique}",
+            )
+        )
+        assert (await connected.receive_command("ERROR")).get("message") == "not_found"
+        await connected.wait_closed()
+        await asyncio.sleep(0.3)
+        with pytest.raises(BrokerError) as gone:
+            await backdoor.declare_queue(f"orphan-{unique}", passive=True)
+        assert gone.value.code == 404
 
 
 class TestDeliveryBackend:

@@ -801,7 +801,10 @@ class TestSubscribe:
         subscribe(session, {"id": "2", "destination": "/queue/a"})
         message, body = fails(session, make("SUBSCRIBE", {"id": "3", "destination": "/queue/a"}))
         assert message == "Too many subscriptions"
-        assert body == "A session may hold at most 2 subscriptions (setting --max-subscriptions)\n"
+        assert (
+            body
+            == "A session may hold at most 2 subscriptions, temporary reply queues included (setting --max-subscriptions)\n"
+        )
 
     def test_unsubscribe_frees_a_slot(self) -> None:
         session = connected(settings=SessionSettings(max_subscriptions=1))
@@ -1467,3 +1470,49 @@ class TestRobustness:
             if any(isinstance(action, Disconnect) for action in actions):
                 closed = True
             assert (session.state is State.CLOSED) == closed
+
+
+class TestResourceLimits:
+    """Every broker resource a client can make a session create is bounded."""
+
+    def test_temp_queues_count_as_subscriptions(self) -> None:
+        session = connected(settings=SessionSettings(max_subscriptions=2))
+        for name in ("a", "b"):
+            only(
+                session.receive_frame(
+                    make("SEND", {"destination": "/queue/q", "reply-to": f"/temp-queue/{name}"})
+                ),
+                Publish,
+            )
+        again = session.receive_frame(make("SEND", {"destination": "/queue/q", "reply-to": "/temp-queue/a"}))
+        assert isinstance(again[0], Publish)  # the same temp queue again costs nothing
+        closed = session.receive_frame(make("SEND", {"destination": "/queue/q", "reply-to": "/temp-queue/c"}))
+        assert isinstance(closed[0], Close) and closed[0].error is not None
+        assert closed[0].error.get("message") == "Too many subscriptions"
+
+    def test_consumer_tag_must_fit_an_amqp_short_string(self) -> None:
+        session = connected()
+        actions = session.receive_frame(make("SUBSCRIBE", {"destination": "/topic/x", "id": "i" * 300}))
+        assert isinstance(actions[0], Close) and actions[0].error is not None
+        assert actions[0].error.get("message") == "Invalid header"
+
+    def test_transaction_bytes_are_bounded(self) -> None:
+        session = connected(settings=SessionSettings(max_transaction_bytes=10))
+        session.receive_frame(make("BEGIN", {"transaction": "t"}))
+        assert (
+            session.receive_frame(make("SEND", {"destination": "/queue/q", "transaction": "t"}, b"x" * 6))
+            == []
+        )
+        actions = session.receive_frame(
+            make("SEND", {"destination": "/queue/q", "transaction": "t"}, b"x" * 6)
+        )
+        assert isinstance(actions[0], Close) and actions[0].error is not None
+        assert actions[0].error.get("message") == "Transaction too large"
+
+    def test_committed_bytes_are_given_back(self) -> None:
+        session = connected(settings=SessionSettings(max_transaction_bytes=10))
+        for _ in range(3):
+            session.receive_frame(make("BEGIN", {"transaction": "t"}))
+            session.receive_frame(make("SEND", {"destination": "/queue/q", "transaction": "t"}, b"x" * 8))
+            actions = session.receive_frame(make("COMMIT", {"transaction": "t"}))
+            assert isinstance(actions[0], Publish)
