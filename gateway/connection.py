@@ -53,6 +53,9 @@ class Transport(abc.ABC):
         """Write a fanned-out MESSAGE; transports may cache their framing of it in ``template.wire``."""
         self.write(template.render(version, subscription), template.is_text)
 
+    def authenticated(self) -> None:  # noqa: B027 - only transports with their own size limits care
+        """CONNECT succeeded: the transport may now accept messages up to the authenticated frame size."""
+
     @abc.abstractmethod
     def write_heartbeat(self) -> None:
         """Send one EOL."""
@@ -287,6 +290,7 @@ class StompConnection:
             self._login_task.cancel()
         self.parser.version = self.session.version
         self.parser.authenticated = True
+        self.transport.authenticated()
         # The parser held back whatever the client pipelined behind CONNECT; decode it now, for the
         # negotiated version, before any later bytes.
         try:

@@ -162,6 +162,10 @@ class FanoutHub:
             with contextlib.suppress(BrokerError):
                 await channel.cancel(group.consumer_tag)
                 await channel.delete_queue(group.queue)
+        if not self.groups and self._channel is channel and channel is not None:
+            # Nothing shared any more: give the channel (and so maybe the connection) back.
+            self._channel = None
+            await channel.close()
 
     async def close(self) -> None:
         if self._channel is not None:

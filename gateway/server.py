@@ -135,10 +135,12 @@ class Gateway:
                 await asyncio.wait_for(self._daemon_task, 5)
         for server in self._servers:
             server.close()
-        for connection in list(self.connections):
+        async def close(connection: StompConnection) -> None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(connection.transport.close(), 2)
             await connection.connection_lost()
+
+        await asyncio.gather(*(close(connection) for connection in list(self.connections)))
         for server in self._servers:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(server.wait_closed(), 5)

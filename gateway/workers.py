@@ -32,7 +32,8 @@ def supervise(config: Config) -> int:
     signal.signal(signal.SIGTERM, forward)
     for worker in workers:
         worker.join()
-    return max((worker.exitcode or 0) for worker in workers)
+    codes = [worker.exitcode or 0 for worker in workers]
+    return 0 if all(code == 0 for code in codes) else 1  # a worker killed by a signal has a negative code
 
 
 def _worker(config: Config) -> None:

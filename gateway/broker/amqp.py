@@ -612,6 +612,8 @@ class AmqpBroker(Broker):
     """RabbitMQ, reached at ``url``. ``url``'s credentials are the monitor's, not the sessions'."""
 
     kind = "rabbitmq"
+    #: Seconds an AMQP connection without channels stays open for the next session of its user.
+    IDLE_CLOSE = 30.0
 
     def __init__(self, url: str, *, sessions_per_connection: int = 500, heartbeat: int = 15) -> None:
         self.url = url
@@ -623,6 +625,7 @@ class AmqpBroker(Broker):
         self._monitor: aio_pika.abc.AbstractConnection | None = None
         self._monitor_task: asyncio.Task[None] | None = None
         self._closing = False
+        self._idle_tasks: set[asyncio.Future[None]] = set()
 
     def _with_params(self, url: str) -> str:
         sep = "&" if "?" in url else "?"
@@ -717,6 +720,8 @@ class AmqpBroker(Broker):
             if not released:
                 released = True
                 pooled.channels -= 1
+                if pooled.channels == 0:
+                    self._schedule_idle_close(principal.key, pooled)
 
         try:
             channel = await pooled.underlay.channel(publisher_confirms=False)
@@ -725,12 +730,37 @@ class AmqpBroker(Broker):
             raise _broker_error(exc) from exc
         return AmqpChannel(channel, release, pooled.receiver)
 
+    def _schedule_idle_close(self, key: tuple[str, str, str], pooled: _Pooled) -> None:
+        """Close a connection nobody has used for IDLE_CLOSE seconds (a login per token would otherwise
+        leave one AMQP connection per token open for ever)."""
+
+        async def close_if_idle() -> None:
+            await asyncio.sleep(self.IDLE_CLOSE)
+            if pooled.channels or self._closing:
+                return
+            pool = self._pools.get(key, [])
+            if pooled in pool:
+                pool.remove(pooled)
+            if not pool:
+                self._pools.pop(key, None)
+                lock = self._locks.get(key)
+                if lock is not None and not lock.locked():
+                    del self._locks[key]
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(pooled.connection.close(), 5)
+
+        task = asyncio.ensure_future(close_if_idle())
+        self._idle_tasks.add(task)
+        task.add_done_callback(self._idle_tasks.discard)
+
     def shared_key(self, principal: Any) -> Any:
         assert isinstance(principal, Principal)
         return principal.key
 
     async def close(self) -> None:
         self._closing = True
+        for task in list(self._idle_tasks):
+            task.cancel()
         if self._monitor_task is not None:
             self._monitor_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

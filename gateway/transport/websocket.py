@@ -62,11 +62,19 @@ class WebSocketTransport(Transport):
     connection compresses through websockets itself.
     """
 
-    __slots__ = ("raw", "ws")
+    __slots__ = ("max_message_size", "raw", "ws")
 
-    def __init__(self, ws: ServerConnection) -> None:
+    def __init__(self, ws: ServerConnection, max_unauthenticated: int, max_message_size: int) -> None:
         self.ws = ws
         self.raw = not ws.protocol.extensions
+        # A WebSocket message may hold one frame plus 4 KiB of slack (as Web-STOMP), with a smaller cap
+        # until CONNECT succeeded. Before CONNECT the cap is twice the frame limit, so that a frame a
+        # little too large still gets the parser's ERROR frame; far beyond it websockets closes with 1009.
+        self.max_message_size = max_message_size + 4096
+        ws.protocol.max_message_size = 2 * max_unauthenticated + 4096
+
+    def authenticated(self) -> None:
+        self.ws.protocol.max_message_size = self.max_message_size
 
     def write(self, data: bytes, text: bool) -> None:
         ws = self.ws
@@ -117,8 +125,9 @@ async def serve_websocket(gateway: Any, http: HttpResponder) -> Server:
 
     async def handler(ws: ServerConnection) -> None:
         peer = "{}:{}".format(*ws.remote_address[:2]) if ws.remote_address else "?"
+        transport = WebSocketTransport(ws, config.max_frame_size_unauthenticated, config.max_frame_size)
         connection = StompConnection(
-            WebSocketTransport(ws), gateway.broker, gateway.registry, gateway.connection_settings, peer=peer
+            transport, gateway.broker, gateway.registry, gateway.connection_settings, peer=peer
         )
         gateway.connection_opened(connection)
         try:

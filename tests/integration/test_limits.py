@@ -54,6 +54,11 @@ class TestFrameLimits:
         assert error.get("message") == "Frame too large"
         await client.wait_closed()
 
+    async def test_huge_message_before_connect_is_refused_by_the_websocket_layer(self, client: StompClient) -> None:
+        await client.send(b"CONNECT\nx:" + b"a" * 500_000)
+        await client.wait_closed()
+        assert client.ws is not None and client.ws.close_code == 1009
+
     @pytest.mark.parametrize("gateway_overrides", [{"max_frame_size": 100_000}])
     async def test_frame_too_large_after_connect(self, connected: StompClient) -> None:
         await connected.send(frame("SEND", b"x" * 100_001, destination="/queue/big"))
