@@ -7,6 +7,7 @@ message); :class:`StompConnection` watches that buffer and disconnects a client 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import ssl
 from collections.abc import Sequence
@@ -58,15 +59,18 @@ class WebSocketTransport(Transport):
     """Writes frames as WebSocket messages: text when the frame is UTF-8, binary otherwise.
 
     Without extensions (compression off, the default) a server frame is the same bytes for every
-    connection, so a fanned-out MESSAGE is framed once and written as is; with permessage-deflate each
-    connection compresses through websockets itself.
+    connection, so a fanned-out MESSAGE is framed once, and the frames written to one connection during
+    one pass of the event loop go out in one ``send()``. With permessage-deflate each connection
+    compresses through websockets itself, one message at a time.
     """
 
-    __slots__ = ("max_message_size", "raw", "ws")
+    __slots__ = ("_loop", "_pending", "max_message_size", "raw", "ws")
 
     def __init__(self, ws: ServerConnection, max_unauthenticated: int, max_message_size: int) -> None:
         self.ws = ws
         self.raw = not ws.protocol.extensions
+        self._loop = asyncio.get_running_loop()
+        self._pending: list[bytes] = []
         # A WebSocket message may hold one frame plus 4 KiB of slack (as Web-STOMP), with a smaller cap
         # until CONNECT succeeded. Before CONNECT the cap is twice the frame limit, so that a frame a
         # little too large still gets the parser's ERROR frame; far beyond it websockets closes with 1009.
@@ -76,9 +80,24 @@ class WebSocketTransport(Transport):
     def authenticated(self) -> None:
         self.ws.protocol.max_message_size = self.max_message_size
 
+    def _queue(self, wire: bytes) -> None:
+        if not self._pending:
+            self._loop.call_soon(self._flush)
+        self._pending.append(wire)
+
+    def _flush(self) -> None:
+        pending, self._pending = self._pending, []
+        ws = self.ws
+        if not pending or ws.protocol.state is not State.OPEN or ws.transport is None:
+            return
+        ws.transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
+
     def write(self, data: bytes, text: bool) -> None:
         ws = self.ws
         if ws.protocol.state is not State.OPEN:
+            return
+        if self.raw:
+            self._queue(websocket_frame(data, text))
             return
         if text:
             ws.protocol.send_text(data)
@@ -90,28 +109,30 @@ class WebSocketTransport(Transport):
         if not self.raw:
             self.write(template.render(version, subscription), template.is_text)
             return
-        ws = self.ws
-        if ws.protocol.state is not State.OPEN or ws.transport is None:
+        if self.ws.protocol.state is not State.OPEN:
             return
         key = ("1.0" if version == "1.0" else "1.2", subscription)
         wire = template.wire.get(key)
         if wire is None:
             wire = template.wire[key] = websocket_frame(template.render(version, subscription), template.is_text)
-        ws.transport.write(wire)
+        self._queue(wire)
 
     def write_heartbeat(self) -> None:
         self.write(_EOL, True)
 
     @property
     def buffered(self) -> int:
+        """What the kernel has not taken yet; this pass's batch (flushed right after it) does not count."""
         transport = self.ws.transport
         return transport.get_write_buffer_size() if transport is not None else 0
 
     async def drain(self) -> None:
+        self._flush()
         if self.ws.protocol.state is State.OPEN:
             await self.ws.drain()
 
     async def close(self) -> None:
+        self._flush()  # queued frames (an ERROR, a RECEIPT) go out before the close frame
         await self.ws.close()
 
     def abort(self) -> None:
