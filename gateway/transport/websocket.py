@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -55,6 +56,40 @@ def websocket_frame(payload: bytes, text: bool) -> bytes:
     return header + payload
 
 
+_WROTE: list[bytes] = []  # sentinel, never appended to
+
+
+class _Flusher:
+    """Flushes, once per pass of the event loop, every connection written to during it (one callback
+    for all of them: 10,000 connections must not mean 10,000 callbacks per broadcast)."""
+
+    __slots__ = ("dirty", "loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.dirty: list[WebSocketTransport] = []
+
+    def add(self, transport: WebSocketTransport) -> None:
+        if not self.dirty:
+            self.loop.call_soon(self.flush)
+        self.dirty.append(transport)
+
+    def flush(self) -> None:
+        dirty, self.dirty = self.dirty, []
+        for transport in dirty:
+            transport._flush()
+
+
+_FLUSHERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Flusher] = weakref.WeakKeyDictionary()
+
+
+def _flusher_for(loop: asyncio.AbstractEventLoop) -> _Flusher:
+    flusher = _FLUSHERS.get(loop)
+    if flusher is None:
+        flusher = _FLUSHERS[loop] = _Flusher(loop)
+    return flusher
+
+
 class WebSocketTransport(Transport):
     """Writes frames as WebSocket messages: text when the frame is UTF-8, binary otherwise.
 
@@ -70,7 +105,8 @@ class WebSocketTransport(Transport):
         self.ws = ws
         self.raw = not ws.protocol.extensions
         self._loop = asyncio.get_running_loop()
-        self._pending: list[bytes] = []
+        #: None: nothing written in this pass of the loop; _WROTE: one frame written, none waiting
+        self._pending: list[bytes] | None = None
         # A WebSocket message may hold one frame plus 4 KiB of slack (as Web-STOMP), with a smaller cap
         # until CONNECT succeeded. Before CONNECT the cap is twice the frame limit, so that a frame a
         # little too large still gets the parser's ERROR frame; far beyond it websockets closes with 1009.
@@ -81,12 +117,22 @@ class WebSocketTransport(Transport):
         self.ws.protocol.max_message_size = self.max_message_size
 
     def _queue(self, wire: bytes) -> None:
-        if not self._pending:
-            self._loop.call_soon(self._flush)
-        self._pending.append(wire)
+        pending = self._pending
+        if pending is None:
+            # The first frame of this pass goes out at once (no added latency); later ones of the same
+            # pass are batched and written together when the pass ends.
+            self._pending = _WROTE
+            _flusher_for(self._loop).add(self)
+            transport = self.ws.transport
+            if transport is not None:
+                transport.write(wire)
+        elif pending is _WROTE:
+            self._pending = [wire]
+        else:
+            pending.append(wire)
 
     def _flush(self) -> None:
-        pending, self._pending = self._pending, []
+        pending, self._pending = self._pending, None
         ws = self.ws
         if not pending or ws.protocol.state is not State.OPEN or ws.transport is None:
             return
