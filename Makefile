@@ -44,8 +44,11 @@ lint: $(STAMP)
 up:
 	docker compose up --build
 
+# Every scenario against one gateway process, then the two throughput scenarios with --workers 2
+# (one process per core, SO_REUSEPORT), each side by side with RabbitMQ's Web-STOMP (bench/RESULTS.md).
 bench: $(STAMP) services
 	$(PY) -m bench $(BENCH_ARGS)
+	$(PY) -m bench --scenarios pipe,fanout --gateway-arg=--workers=2 --profile none $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) node_modules .pytest_cache test-artifacts
