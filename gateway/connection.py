@@ -21,6 +21,7 @@ from gateway.stomp.session import (
     Ack,
     Action,
     Authenticate,
+    Barrier,
     Close,
     Disconnect,
     MessageTemplate,
@@ -193,6 +194,8 @@ class StompConnection:
                 await self._unsubscribe(action)
             elif isinstance(action, Authenticate):
                 await self._authenticate(action)
+            elif isinstance(action, Barrier):
+                self._spawn(self._barrier(action.receipt, list(self._pending)))
             elif isinstance(action, Disconnect):
                 await self._disconnect(action)
             elif isinstance(action, Close):
@@ -343,7 +346,7 @@ class StompConnection:
                     self._exclusive_queues.add(declaration.name)
             if action.temp_queue is not None:
                 action.properties.reply_to = await self._temp_queue(channel, action.temp_queue)
-            if action.receipt is not None and not self._confirming:
+            if (action.receipt is not None or action.confirm) and not self._confirming:
                 await channel.enable_confirms()
                 self._confirming = True
             future = channel.start_publish(
@@ -510,6 +513,12 @@ class StompConnection:
             self.send_frame(action.receipt)
 
     # -- closing ------------------------------------------------------------------------------------------
+
+    async def _barrier(self, receipt: Frame, pending: list[asyncio.Future[None]]) -> None:
+        if pending:
+            await asyncio.wait(pending)
+        if not self._closing and all(not f.cancelled() and f.exception() is None for f in pending):
+            self.send_frame(receipt)  # a failed publish was reported with an ERROR instead
 
     async def _disconnect(self, action: Disconnect) -> None:
         if self._pending:

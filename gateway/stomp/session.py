@@ -12,6 +12,7 @@ Every state and the commands it accepts live in :data:`ACCEPTS`; nothing else de
 from __future__ import annotations
 
 import base64
+import dataclasses
 import enum
 import secrets
 from collections.abc import Iterable
@@ -38,6 +39,7 @@ __all__ = [
     "Ack",
     "Action",
     "Authenticate",
+    "Barrier",
     "Close",
     "Disconnect",
     "MessageTemplate",
@@ -156,7 +158,8 @@ class Unsubscribe:
 class Publish:
     """Publish a message. ``declare`` is declared first (once per session per name is enough);
     ``temp_queue`` names a ``/temp-queue/T`` whose real queue name must be put in ``properties.reply_to``
-    (declaring it and subscribing to it on first use). ``receipt`` is sent after the broker's confirm."""
+    (declaring it and subscribing to it on first use). ``receipt`` is sent after the broker's confirm.
+    ``confirm`` asks for a confirm without a receipt of its own (a later :class:`Barrier` waits for it)."""
 
     exchange: str
     routing_key: str
@@ -165,6 +168,14 @@ class Publish:
     declare: QueueDeclaration | None
     temp_queue: str | None
     receipt: Frame | None
+    confirm: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Barrier:
+    """Send ``receipt`` once every publish started before it has been confirmed by the broker."""
+
+    receipt: Frame
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,7 +203,7 @@ class Close:
     error: Frame | None
 
 
-Action = SendFrame | Authenticate | Subscribe | Unsubscribe | Publish | Ack | Disconnect | Close
+Action = SendFrame | Authenticate | Subscribe | Unsubscribe | Publish | Ack | Barrier | Disconnect | Close
 
 
 # ---------------------------------------------------------------------------------------------- negotiation
@@ -692,7 +703,13 @@ class Session:
             actions.extend(self._dispatch(held))
         receipt = _receipt(frame)
         if receipt is not None:
-            actions.append(SendFrame(receipt))
+            if any(isinstance(action, Publish) for action in actions):
+                # COMMIT's RECEIPT promises the transaction's messages reached the broker: wait for the
+                # confirms of its publishes, as a SEND's RECEIPT does.
+                actions = [dataclasses.replace(a, confirm=True) if isinstance(a, Publish) else a for a in actions]
+                actions.append(Barrier(receipt))
+            else:
+                actions.append(SendFrame(receipt))
         return actions
 
     def _on_abort(self, frame: Frame) -> list[Action]:

@@ -9,6 +9,8 @@ Expected ERROR texts are RabbitMQ's (``rabbitmq-stomp.md`` section g) wherever R
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -28,6 +30,7 @@ from gateway.stomp.session import (
     Ack,
     Action,
     Authenticate,
+    Barrier,
     Close,
     Disconnect,
     MessageTemplate,
@@ -1146,10 +1149,14 @@ class TestTransactions:
         assert session.receive_frame(make("ACK", {"id": message_id, "transaction": "t"})) == []
         committed = session.receive_frame(make("COMMIT", {"transaction": "t", "receipt": "c"}))
 
-        assert committed == [*plain, SendFrame(receipt("c"))]
-        assert [type(action) for action in committed] == [Publish, Ack, SendFrame]
+        # The same actions as without a transaction, the publishes confirmed, and the RECEIPT after the
+        # confirms (a Barrier), as for a SEND's RECEIPT.
+        assert [type(action) for action in committed] == [Publish, Ack, Barrier]
         publish = committed[0]
         assert isinstance(publish, Publish)
+        assert publish == dataclasses.replace(plain[0], confirm=True)  # type: ignore[type-var]
+        assert committed[1] == plain[1]
+        assert committed[2] == Barrier(receipt("c"))
         assert "transaction" not in publish.properties.headers
         assert session.transactions == {}
 
