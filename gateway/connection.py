@@ -397,16 +397,13 @@ class StompConnection:
             prefetch_count=None,
             consumer_tag="T_" + name,
         )
-        deliverer = self._own_deliverer(subscription)
+        deliverer = _Deliverer(self, subscription)
         await channel.consume(queue, deliverer, no_ack=True, consumer_tag="T_" + name)
         deliverer.start()
         self._temp_queues[name] = queue
         return queue
 
     # -- SUBSCRIBE / UNSUBSCRIBE ------------------------------------------------------------------------
-
-    def _own_deliverer(self, subscription: Subscription) -> _Deliverer:
-        return _Deliverer(self, subscription)
 
     def _shared_deliverer(self, subscription: Subscription) -> Sink:
         session = self.session
@@ -461,7 +458,7 @@ class StompConnection:
                         self._exclusive_queues.add(queue)
                 if plan.exchange is not None:
                     await channel.bind_queue(queue, plan.exchange, plan.binding_key)
-                deliverer = self._own_deliverer(subscription)
+                deliverer = _Deliverer(self, subscription)
                 subscription.handle = await channel.consume(
                     queue,
                     deliverer,
