@@ -312,7 +312,7 @@ class StompConnection:
 
     async def _own_channel(self) -> Channel:
         if self._channel is None or not self._channel.is_open:
-            channel = await self.broker.open_channel(self._principal)
+            channel = await self.broker.open_channel(self._principal, self.session.id)
             if self._closing:  # the session ended while the channel was opening
                 await channel.close()
                 raise ChannelClosed("session closed")
@@ -566,7 +566,7 @@ class StompConnection:
         """The AMQP connection outlives the session: its exclusive queues must go explicitly."""
         queues, self._exclusive_queues = self._exclusive_queues, set()
         try:
-            channel = await self.broker.open_channel(self._principal)
+            channel = await self.broker.open_channel(self._principal, self.session.id)
         except BrokerError:
             return  # the connection is gone, and its exclusive queues with it
         try:

@@ -20,7 +20,7 @@ import hashlib
 import logging
 import re
 import secrets
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit
@@ -48,6 +48,7 @@ from gateway.broker.base import (
     ChannelClosed,
     DeliverCallback,
     Delivery,
+    FrameTooLarge,
     MessageProperties,
     PublishNacked,
     VhostNotFound,
@@ -79,6 +80,8 @@ class _BufferedFrameReceiver(aiormq.connection.FrameReceiver):
         #: (channel number, consumer tag) -> callback: deliveries handed over right here, see _intercept
         self.fast: dict[tuple[int, str], DeliverCallback] = {}
         self._assembling: dict[int, _Assembly] = {}
+        #: told about the broker's side of channel close handshakes (set by the broker adapter)
+        self.gate: _WriteGate | None = None
         slot = _RECEIVER_SLOT.get(None)
         if slot is not None:
             slot.append(self)
@@ -127,6 +130,9 @@ class _BufferedFrameReceiver(aiormq.connection.FrameReceiver):
             if self.fast and self._intercept(received[1], received[2]):
                 intercepted = True
             else:
+                kind = type(received[2])
+                if (kind is spec.Channel.Close or kind is spec.Channel.CloseOk) and self.gate is not None:
+                    self.gate.received(received[1], kind is spec.Channel.Close)
                 self._frames.append(received)
         if pos:
             del buf[:pos]
@@ -197,6 +203,118 @@ class _Assembly:
 
 _NO_OP_FRAME = (8, 0, pamqp.heartbeat.Heartbeat())
 
+# Channel close handshake, as (class id, method id) bytes of a method frame's payload.
+_CHANNEL_CLOSE = b"\x00\x14\x00\x28"
+_CHANNEL_CLOSE_OK = b"\x00\x14\x00\x29"
+# Close handshake progress of one channel number (bits).
+_SENT_CLOSE, _GOT_CLOSE, _SENT_CLOSE_OK, _GOT_CLOSE_OK = 1, 2, 4, 8
+
+
+def _handshake_done(state: int) -> bool:
+    return bool((state & _SENT_CLOSE and state & _GOT_CLOSE_OK) or (state & _GOT_CLOSE and state & _SENT_CLOSE_OK))
+
+
+class _WriteGate:
+    """Keeps frames that RabbitMQ answers with a *connection* error off a shared connection.
+
+    RabbitMQ closes the whole connection (504 CHANNEL_ERROR) for any frame on a channel number after its
+    close handshake ("expected 'channel.open'") and for a ``channel.open`` before it ended ("second
+    'channel.open' seen"), and that would end every session sharing the connection. So every frame a
+    channel writes passes :meth:`admit` when the writer takes it (the last moment, so no race with the
+    handshake): once either side has sent ``channel.close`` only the ``close-ok`` passes (RabbitMQ ignores
+    anything else on a closing channel anyway), and after the handshake nothing does. Channel numbers are
+    handed out by :meth:`take`, round-robin, and reused only after both halves of the handshake were seen
+    (the broker's half is reported by the frame receiver through :meth:`received`).
+    """
+
+    def __init__(self, channel_max: int) -> None:
+        self.channel_max = channel_max or 65535  # 0: no limit but the field's
+        self._state: dict[int, int] = {}  # numbers ever opened -> handshake bits (0: open)
+        self._last = 0
+
+    def take(self, busy: Mapping[int, Any]) -> int | None:
+        """A channel number free on both sides, or None when the connection has none left."""
+        for step in range(1, self.channel_max + 1):
+            number = (self._last + step - 1) % self.channel_max + 1
+            state = self._state.get(number)
+            if number not in busy and (state is None or _handshake_done(state)):
+                self._last = number
+                self._state[number] = 0
+                return number
+        return None
+
+    def received(self, number: int, close: bool) -> None:
+        """The broker sent ``channel.close`` (``close``) or ``channel.close-ok`` on ``number``."""
+        if number in self._state:
+            self._state[number] |= _GOT_CLOSE if close else _GOT_CLOSE_OK
+
+    def admit(self, number: int, payload: bytes) -> bool:
+        """Whether a frame of channel ``number`` may go on the wire now (called once, by the writer)."""
+        state = self._state.get(number, 0)
+        method = payload[7:11] if payload[:1] == b"\x01" else b""
+        if state == 0:
+            if method == _CHANNEL_CLOSE:
+                self._state[number] = _SENT_CLOSE
+            elif method == _CHANNEL_CLOSE_OK:  # the answer to the broker's close
+                self._state[number] = _GOT_CLOSE | _SENT_CLOSE_OK
+            return True
+        if _handshake_done(state) or method != _CHANNEL_CLOSE_OK or state & _SENT_CLOSE_OK:
+            return False
+        self._state[number] = state | _SENT_CLOSE_OK
+        return True
+
+
+class _GatedFrame:
+    """A frame for aiormq's writer whose payload is decided by the :class:`_WriteGate` when it is written
+    (aiormq's writer reads ``payload``, ``should_close``, ``should_drain`` and calls ``drain()``)."""
+
+    __slots__ = ("_payload", "frame", "gate", "number")
+
+    def __init__(self, frame: ChannelFrame, gate: _WriteGate, number: int) -> None:
+        self.frame = frame
+        self.gate = gate
+        self.number = number
+        self._payload: bytes | None = None
+
+    @property
+    def payload(self) -> bytes:
+        if self._payload is None:
+            payload = self.frame.payload
+            self._payload = payload if self.gate.admit(self.number, payload) else b""
+        return self._payload
+
+    @property
+    def should_close(self) -> bool:
+        return self.frame.should_close
+
+    @property
+    def should_drain(self) -> bool:
+        return self.frame.should_drain
+
+    def drain(self) -> None:
+        self.frame.drain()
+
+    def __repr__(self) -> str:
+        return f"<gated frame of channel {self.number}>"
+
+
+class _ChannelWrites:
+    """Stands in for the connection's write queue on one aiormq channel: every frame of the channel, aiormq's
+    own (RPCs, acks, close-ok) and the gateway's publishes, passes the connection's :class:`_WriteGate`."""
+
+    __slots__ = ("gate", "number", "queue")
+
+    def __init__(self, queue: asyncio.Queue[Any], gate: _WriteGate, number: int) -> None:
+        self.queue = queue
+        self.gate = gate
+        self.number = number
+
+    def put_nowait(self, frame: ChannelFrame) -> None:
+        self.queue.put_nowait(_GatedFrame(frame, self.gate, self.number))
+
+    async def put(self, frame: ChannelFrame) -> None:
+        await self.queue.put(_GatedFrame(frame, self.gate, self.number))
+
 #: Set around a connect so that its frame receiver can be found (aiormq keeps it to itself).
 _RECEIVER_SLOT: contextvars.ContextVar[list[_BufferedFrameReceiver]] = contextvars.ContextVar("receiver_slot")
 
@@ -232,6 +350,9 @@ def _broker_error(exc: BaseException) -> BrokerError:
         return PublishNacked()
     text = str(exc.args[0]) if exc.args and exc.args[0] is not None else ""
     if isinstance(exc, aiormq.exceptions.AMQPConnectionError | ConnectionError | OSError):
+        match = _REPLY.match(text)
+        if match is not None and match.group(1) in _CONNECTION_REPLY_CODES:
+            return BrokerUnavailable(f"RabbitMQ closed the gateway's connection: {_close_reason(exc)}")
         return BrokerUnavailable(f"connection to RabbitMQ lost: {text or type(exc).__name__}")
     match = _REPLY.match(text)
     if match is None:
@@ -239,6 +360,45 @@ def _broker_error(exc: BaseException) -> BrokerError:
     name, detail = match.group(1), match.group(2)
     codes = {"NOT_FOUND": 404, "ACCESS_REFUSED": 403, "PRECONDITION_FAILED": 406, "RESOURCE_LOCKED": 405}
     return BrokerError(codes.get(name, 541), name.lower(), detail)
+
+
+def _header_bound(props: MessageProperties) -> int:
+    """An upper bound of the AMQP content-header payload for these properties, without encoding them:
+    class, weight, body size and flags (14), every short-string property at its largest (13 x 256), and
+    each header at four bytes a character plus its key length, type and value length (6)."""
+    bound = 14 + 13 * 256 + 4
+    for key, value in props.headers.items():
+        if not isinstance(value, str):
+            return 2**32  # not from a STOMP header: encode to know
+        bound += 6 + 4 * (len(key) + len(value))
+    return bound
+
+
+#: AMQP reply codes that close a whole connection, by the name RabbitMQ puts before its reply text.
+_CONNECTION_REPLY_CODES = {
+    "CONNECTION_FORCED": 320,
+    "INVALID_PATH": 402,
+    "FRAME_ERROR": 501,
+    "SYNTAX_ERROR": 502,
+    "COMMAND_INVALID": 503,
+    "CHANNEL_ERROR": 504,
+    "UNEXPECTED_FRAME": 505,
+    "RESOURCE_ERROR": 506,
+    "NOT_ALLOWED": 530,
+    "NOT_IMPLEMENTED": 540,
+    "INTERNAL_ERROR": 541,
+}
+
+
+def _close_reason(exc: BaseException | None) -> str:
+    """RabbitMQ's reply code and text for a closed connection (no address: aiormq's texts carry none)."""
+    if exc is None:
+        return "closed without a reason"
+    text = str(exc.args[0]) if exc.args and exc.args[0] is not None else type(exc).__name__
+    match = _REPLY.match(text)
+    if match is not None and match.group(1) in _CONNECTION_REPLY_CODES:
+        return f"{_CONNECTION_REPLY_CODES[match.group(1)]} {text}"
+    return text
 
 
 def _invalid_value(exc: BaseException) -> BrokerError:
@@ -299,23 +459,31 @@ class Principal:
 class AmqpChannel(Channel):
     """A session's channel: aiormq underneath, publisher confirms on."""
 
-    def __init__(
-        self, channel: aiormq.abc.AbstractChannel, on_release: Any, receiver: _BufferedFrameReceiver | None = None
-    ) -> None:
+    def __init__(self, channel: aiormq.abc.AbstractChannel, pooled: _Pooled, owner: str | None) -> None:
         self._channel = channel
-        self._receiver = receiver
+        self._pooled = pooled
+        self._receiver = pooled.receiver
+        #: the session this channel works for: exclusive queues belong to it, errors are logged with it
+        self.owner = owner
         self._closed_by_us = False
-        self._on_release = on_release
         self._declared_prefetch: int | None = None
         self._backlog: collections.deque[Any] = collections.deque()
         self._pending_frames: list[Any] = []
         self._flush_scheduled = False
         self._confirming = False
         self._flusher: asyncio.Future[None] | None = None
+        self._temporary: list[str] = []
+        frame_max = pooled.underlay.connection_tune.frame_max
+        #: the largest frame payload RabbitMQ accepts on this connection (frame_max less the 8 octets of
+        #: frame type, channel, size and frame-end)
+        self.max_payload = (frame_max or 2**32) - 8
         channel.closing.add_done_callback(self._closing_done)
 
     def _closing_done(self, future: asyncio.Future[Any]) -> None:
-        self._on_release()
+        self._pooled.release()
+        for queue in self._temporary:
+            if self._pooled.exclusive.get(queue, "") == self.owner:
+                del self._pooled.exclusive[queue]
         if self._receiver is not None:
             self._receiver.forget_channel(self._channel.number)
         if self._closed_by_us or self.on_close is None:
@@ -329,12 +497,22 @@ class AmqpChannel(Channel):
         return not self._channel.is_closed
 
     async def _call(self, coro: Any) -> Any:
+        self._pooled.last_owner = self.owner
         try:
             return await coro
         except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
             raise _broker_error(exc) from exc
         except (ValueError, TypeError) as exc:  # pamqp refused to encode a value (e.g. a name too long)
             raise _invalid_value(exc) from exc
+
+    def _check_fits(self, method: Any, what: str) -> None:
+        """A method frame larger than ``frame_max`` is a connection error (501): refuse it here."""
+        try:
+            size = len(pamqp.frame.marshal(method, self._channel.number)) - 8
+        except (ValueError, TypeError) as exc:
+            raise _invalid_value(exc) from exc
+        if size > self.max_payload:
+            raise FrameTooLarge(what, size, self.max_payload + 8)
 
     async def declare_queue(
         self,
@@ -346,17 +524,26 @@ class AmqpChannel(Channel):
         arguments: Mapping[str, Any] | None = None,
         passive: bool = False,
     ) -> str:
+        self._pooled.check_exclusive(name, self.owner)
+        table = FieldTable(arguments or {})
+        if arguments:
+            self._check_fits(spec.Queue.Declare(queue=name, arguments=table), "The queue arguments")
         ok = await self._call(
             self._channel.queue_declare(
                 name,
                 durable=durable,
                 exclusive=exclusive,
                 auto_delete=auto_delete,
-                arguments=FieldTable(arguments or {}),
+                arguments=table,
                 passive=passive,
             )
         )
-        return str(ok.queue)
+        queue = str(ok.queue)
+        if exclusive and not passive:
+            self._pooled.exclusive[queue] = self.owner
+            if not name:  # a temporary reply queue: RabbitMQ deletes it with this channel's consumer
+                self._temporary.append(queue)
+        return queue
 
     async def check_exchange(self, name: str) -> None:
         if name == "":
@@ -367,13 +554,17 @@ class AmqpChannel(Channel):
         await self._call(self._channel.exchange_declare(name, exchange_type=type, durable=durable))
 
     async def bind_queue(self, queue: str, exchange: str, routing_key: str) -> None:
+        self._pooled.check_exclusive(queue, self.owner)
         await self._call(self._channel.queue_bind(queue, exchange, routing_key=routing_key))
 
     async def unbind_queue(self, queue: str, exchange: str, routing_key: str) -> None:
+        self._pooled.check_exclusive(queue, self.owner)
         await self._call(self._channel.queue_unbind(queue, exchange, routing_key=routing_key))
 
     async def delete_queue(self, name: str) -> None:
+        self._pooled.check_exclusive(name, self.owner)
         await self._call(self._channel.queue_delete(name))
+        self._pooled.exclusive.pop(name, None)
 
     async def consume(
         self,
@@ -386,6 +577,12 @@ class AmqpChannel(Channel):
         exclusive: bool = False,
         arguments: Mapping[str, Any] | None = None,
     ) -> str:
+        self._pooled.check_exclusive(queue, self.owner)
+        if arguments:
+            self._check_fits(
+                spec.Basic.Consume(queue=queue, consumer_tag=consumer_tag, arguments=FieldTable(arguments)),
+                "The consumer arguments",
+            )
         if prefetch_count is not None and prefetch_count != self._declared_prefetch:
             # RabbitMQ's per-consumer qos: applies to consumers started after it on this channel.
             await self._call(self._channel.basic_qos(prefetch_count=prefetch_count))
@@ -454,10 +651,15 @@ class AmqpChannel(Channel):
                 BrokerError(406, "precondition_failed", "exchange names and routing keys are limited to 255 bytes")
             )
             return result
+        self._pooled.last_owner = self.owner
         try:
+            header = ContentHeader(properties=_to_properties(properties), body_size=len(body))
+            if _header_bound(properties) > self.max_payload and len(header.marshal()) > self.max_payload:
+                result.set_exception(FrameTooLarge("The message headers", len(header.marshal()), self.max_payload + 8))
+                return result
             frames: list[Any] = [
                 spec.Basic.Publish(exchange=exchange, routing_key=routing_key, mandatory=False),
-                ContentHeader(properties=_to_properties(properties), body_size=len(body)),
+                header,
                 *ch._split_body(body),  # type: ignore[attr-defined]
             ]
         except (ValueError, TypeError) as exc:
@@ -561,12 +763,14 @@ class AmqpChannel(Channel):
             future.add_done_callback(_ignore_result)
 
     def ack(self, delivery_tag: int, *, multiple: bool = False) -> None:
+        self._pooled.last_owner = self.owner
         if not self._channel.is_closed:
             asyncio.ensure_future(self._channel.basic_ack(delivery_tag, multiple=multiple)).add_done_callback(
                 _ignore_result
             )
 
     def nack(self, delivery_tag: int, *, multiple: bool = False, requeue: bool = True) -> None:
+        self._pooled.last_owner = self.owner
         if not self._channel.is_closed:
             asyncio.ensure_future(
                 self._channel.basic_nack(delivery_tag, multiple=multiple, requeue=requeue)
@@ -588,14 +792,33 @@ def _ignore_result(future: asyncio.Future[Any]) -> None:
 
 
 class _Pooled:
-    """One shared AMQP connection and the number of channels open on it."""
+    """One shared AMQP connection: its channel count and numbers, the exclusive queues of its sessions."""
 
     def __init__(
-        self, connection: aio_pika.abc.AbstractConnection, receiver: _BufferedFrameReceiver | None
+        self,
+        connection: aio_pika.abc.AbstractConnection,
+        receiver: _BufferedFrameReceiver | None,
+        principal: Principal,
+        on_idle: Callable[[_Pooled], None],
     ) -> None:
         self.connection = connection
         self.receiver = receiver
+        self.principal = principal
         self.channels = 0
+        underlay = self.underlay
+        self.gate = _WriteGate(underlay.connection_tune.channel_max)
+        if receiver is not None:
+            receiver.gate = self.gate
+        #: no channel number left to hand out: new sessions go to another connection
+        self.exhausted = False
+        #: exclusive queue -> the session (channel owner) that declared it; AMQP ties exclusivity to the
+        #: connection, and this connection is shared, so the gateway ties it to the session
+        self.exclusive: dict[str, str | None] = {}
+        #: the session whose channel wrote last: named in the log if RabbitMQ closes the connection
+        self.last_owner: str | None = None
+        self.closed_by_us = False
+        self._on_idle = on_idle
+        underlay.closing.add_done_callback(self._connection_closed)
 
     @property
     def underlay(self) -> aiormq.abc.AbstractConnection:
@@ -606,6 +829,42 @@ class _Pooled:
     @property
     def is_open(self) -> bool:
         return _alive(self.connection)
+
+    def release(self) -> None:
+        """One channel of this connection closed."""
+        self.channels -= 1
+        if self.channels == 0:
+            self._on_idle(self)
+
+    def check_exclusive(self, queue: str, owner: str | None) -> None:
+        """Raise RESOURCE_LOCKED, in RabbitMQ's words, if another session declared ``queue`` exclusive."""
+        if queue and queue in self.exclusive and self.exclusive[queue] != owner:
+            raise BrokerError(
+                405,
+                "resource_locked",
+                f"cannot obtain exclusive access to locked queue '{queue}' in vhost '{self.principal.vhost}'. "
+                "It could be originally declared on another connection or the exclusive property value does "
+                "not match that of the original declaration.",
+            )
+
+    async def close(self) -> None:
+        self.closed_by_us = True
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.connection.close(), 5)
+
+    def _connection_closed(self, future: asyncio.Future[Any]) -> None:
+        if self.closed_by_us:
+            return
+        exc = None if future.cancelled() else future.exception()
+        logger.warning(
+            "RabbitMQ closed a shared AMQP connection (user %r, vhost %r, %d session channels on it): %s; "
+            "the last frame on it came from %s",
+            self.principal.login,
+            self.principal.vhost,
+            self.channels,
+            _close_reason(exc),
+            f"session {self.last_owner}" if self.last_owner else "the gateway itself (shared fan-out)",
+        )
 
 
 class AmqpBroker(Broker):
@@ -697,7 +956,7 @@ class AmqpBroker(Broker):
             pool = [p for p in self._pools.get(principal.key, []) if p.is_open]
             self._pools[principal.key] = pool
             for pooled in pool:
-                if pooled.channels < self.sessions_per_connection:
+                if pooled.channels < self.sessions_per_connection and not pooled.exhausted:
                     return pooled
             slot: list[_BufferedFrameReceiver] = []
             token = _RECEIVER_SLOT.set(slot)
@@ -705,37 +964,42 @@ class AmqpBroker(Broker):
                 connection = await self._connect(principal.url)
             finally:
                 _RECEIVER_SLOT.reset(token)
-            pooled = _Pooled(connection, slot[0] if len(slot) == 1 else None)
+            pooled = _Pooled(connection, slot[0] if len(slot) == 1 else None, principal, self._idle)
             pool.append(pooled)
             return pooled
 
-    async def open_channel(self, principal: Any) -> Channel:
+    async def open_channel(self, principal: Any, owner: str | None = None) -> Channel:
         assert isinstance(principal, Principal)
-        pooled = await self._connection_for(principal)
+        while True:
+            pooled = await self._connection_for(principal)
+            number = pooled.gate.take(pooled.underlay.channels)
+            if number is not None:
+                break
+            # Every number is in use or still in its close handshake (or its close-ok was lost).
+            logger.info("an AMQP connection has no channel number left; opening another")
+            pooled.exhausted = True
+            if pooled.channels == 0:
+                self._idle(pooled)
         pooled.channels += 1
-        released = False
-
-        def release() -> None:
-            nonlocal released
-            if not released:
-                released = True
-                pooled.channels -= 1
-                if pooled.channels == 0:
-                    self._schedule_idle_close(principal.key, pooled)
-
         try:
-            channel = await pooled.underlay.channel(publisher_confirms=False)
+            channel = await pooled.underlay.channel(channel_number=number, publisher_confirms=False)
         except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
-            release()
+            pooled.release()
             raise _broker_error(exc) from exc
-        return AmqpChannel(channel, release, pooled.receiver)
+        # Every later frame of this channel, aiormq's own included, passes the connection's gate.
+        channel.write_queue = _ChannelWrites(channel.write_queue, pooled.gate, number)  # type: ignore[attr-defined]
+        return AmqpChannel(channel, pooled, owner)
+
+    def _idle(self, pooled: _Pooled) -> None:
+        self._schedule_idle_close(pooled.principal.key, pooled)
 
     def _schedule_idle_close(self, key: tuple[str, str, str], pooled: _Pooled) -> None:
         """Close a connection nobody has used for IDLE_CLOSE seconds (a login per token would otherwise
         leave one AMQP connection per token open for ever)."""
 
         async def close_if_idle() -> None:
-            await asyncio.sleep(self.IDLE_CLOSE)
+            if not pooled.exhausted:
+                await asyncio.sleep(self.IDLE_CLOSE)
             if pooled.channels or self._closing:
                 return
             pool = self._pools.get(key, [])
@@ -746,8 +1010,7 @@ class AmqpBroker(Broker):
                 lock = self._locks.get(key)
                 if lock is not None and not lock.locked():
                     del self._locks[key]
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(pooled.connection.close(), 5)
+            await pooled.close()
 
         task = asyncio.ensure_future(close_if_idle())
         self._idle_tasks.add(task)
@@ -765,6 +1028,9 @@ class AmqpBroker(Broker):
             self._monitor_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._monitor_task
+        for pool in self._pools.values():
+            for pooled in pool:
+                pooled.closed_by_us = True
         connections = [p.connection for pool in self._pools.values() for p in pool]
         if self._monitor is not None:
             connections.append(self._monitor)

@@ -26,6 +26,7 @@ __all__ = [
     "ChannelClosed",
     "DeliverCallback",
     "Delivery",
+    "FrameTooLarge",
     "MessageProperties",
     "PublishNacked",
     "VhostNotFound",
@@ -123,6 +124,20 @@ class ChannelClosed(BrokerError):
 
     def __init__(self, text: str = "channel closed") -> None:
         super().__init__(504, "channel_error", text)
+
+
+class FrameTooLarge(BrokerError):
+    """An operation the broker could only take as an oversized frame, which it would answer by closing the
+    whole connection (AMQP 501 FRAME_ERROR): refused before it is sent. ``frame_max`` is the size the broker
+    negotiated for this connection."""
+
+    def __init__(self, what: str, size: int, frame_max: int) -> None:
+        super().__init__(
+            501,
+            "frame_error",
+            f"{what} take {size} bytes in AMQP, more than the broker's frame size of {frame_max} bytes allows",
+        )
+        self.frame_max = frame_max
 
 
 class PublishNacked(BrokerError):
@@ -258,8 +273,13 @@ class Broker(abc.ABC):
         """
 
     @abc.abstractmethod
-    async def open_channel(self, principal: Any) -> Channel:
-        """A new channel for that principal. Several principals of the same user may share a connection."""
+    async def open_channel(self, principal: Any, owner: str | None = None) -> Channel:
+        """A new channel for that principal. Several principals of the same user may share a connection.
+
+        ``owner`` names the session the channel works for: a queue it declares exclusive can be used only by
+        channels of the same owner (RESOURCE_LOCKED for others, as RabbitMQ answers another connection),
+        and the broker's log names it when something goes wrong.
+        """
 
     @abc.abstractmethod
     async def close(self) -> None: ...

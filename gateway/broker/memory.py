@@ -720,7 +720,7 @@ class MemoryBroker(Broker):
             raise VhostNotFound(vhost)
         return MemoryPrincipal(login, vhost)
 
-    async def open_channel(self, principal: Any) -> MemoryChannel:
+    async def open_channel(self, principal: Any, owner: str | None = None) -> MemoryChannel:
         if not self._available:
             raise BrokerUnavailable()
         if not isinstance(principal, MemoryPrincipal):

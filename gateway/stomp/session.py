@@ -18,7 +18,14 @@ import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from gateway.broker.base import AccessRefused, BrokerError, Delivery, MessageProperties, VhostNotFound
+from gateway.broker.base import (
+    AccessRefused,
+    BrokerError,
+    Delivery,
+    FrameTooLarge,
+    MessageProperties,
+    VhostNotFound,
+)
 from gateway.destinations import (
     Destination,
     QueueDeclaration,
@@ -471,6 +478,10 @@ class Session:
         receipt_id = receipt.get("receipt-id") if receipt is not None else None
         if isinstance(error, AccessRefused | VhostNotFound):
             return self.fail(ProtocolError("Bad CONNECT", error.text, receipt_id=receipt_id))
+        if isinstance(error, FrameTooLarge):
+            # RabbitMQ's wording for headers it cannot carry; the gateway refuses them before the broker
+            # would close the (shared) connection over them.
+            return self.fail(ProtocolError("Invalid header", f"Headers too large: {error.text}\n", receipt_id=receipt_id))
         return self.fail(ProtocolError(error.name, error.text, receipt_id=receipt_id))
 
     # -- SEND ---------------------------------------------------------------------------------------

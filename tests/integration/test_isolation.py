@@ -1,0 +1,232 @@
+"""One client never hurts another: sessions of one user share an AMQP connection, so nothing a client sends
+may make RabbitMQ close that connection (issue 8). Real RabbitMQ, real WebSockets."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import pytest
+
+from gateway.broker.base import Channel, MessageProperties
+from gateway.server import Gateway
+from tests.stomp_client import StompClient, frame, open_ws
+
+
+class Bystander:
+    """A session of the same user (so on the same pooled AMQP connection) with one subscription on its own
+    channel (``/queue``, client ack) and one on the shared fan-out channel (``/topic``)."""
+
+    def __init__(self, client: StompClient, name: str) -> None:
+        self.client = client
+        self.queue = f"iso-q-{name}"
+        self.topic = f"iso.t.{name}"
+        self.seen = 0
+
+    @classmethod
+    async def start(cls, url: str, name: str) -> Bystander:
+        client = await open_ws(url)
+        await client.connect()
+        self = cls(client, name)
+        await client.send(frame("SUBSCRIBE", destination=f"/queue/{self.queue}", id="q", ack="client-individual",
+                                receipt="q"))
+        await client.receipt("q")
+        await client.send(frame("SUBSCRIBE", destination=f"/topic/{self.topic}", id="t", receipt="t"))
+        await client.receipt("t")
+        return self
+
+    async def check(self, backdoor: Channel) -> None:
+        """Both subscriptions still deliver, and the session still answers."""
+        self.seen += 1
+        body = f"alive-{self.seen}".encode()
+        await backdoor.publish("", self.queue, body, MessageProperties())
+        await backdoor.publish("amq.topic", self.topic, body, MessageProperties())
+        got: dict[str, bytes] = {}
+        for _ in range(2):
+            message = await self.client.receive_command("MESSAGE", timeout=10)
+            got[message.get("subscription") or ""] = message.body
+            if message.get("subscription") == "q":
+                await self.client.send(frame("ACK", id=message.get("ack") or ""))
+        assert got == {"q": body, "t": body}, got
+        receipt = uuid.uuid4().hex
+        await self.client.send(frame("SEND", destination=f"/topic/{self.topic}.echo", receipt=receipt))
+        await self.client.receipt(receipt, timeout=10)
+
+    async def close(self, backdoor: Channel) -> None:
+        await self.client.close()
+        await backdoor.delete_queue(self.queue)
+
+
+@pytest.fixture
+async def bystander(ws_url: str, backdoor: Channel, unique: str) -> Bystander:
+    b = await Bystander.start(ws_url, unique)
+    yield b  # type: ignore[misc]
+    await b.close(backdoor)
+
+
+async def hostile(url: str, *frames_: bytes | frame) -> list[object]:  # type: ignore[valid-type]
+    """Connect as the same user, send the frames, return what came back until the close."""
+    client = await open_ws(url)
+    try:
+        await client.connect()
+        for f in frames_:
+            await client.send(f)  # type: ignore[arg-type]
+        received: list[object] = []
+        while True:
+            try:
+                received.append(await client.receive(timeout=5))
+            except TimeoutError:
+                break
+            if received[-1].command == "ERROR":  # type: ignore[attr-defined]
+                break
+        return received
+    finally:
+        await client.close()
+
+
+class TestHeaderBlockLargerThanFrameMax:
+    """A header block that cannot fit one AMQP content-header frame is refused by the gateway."""
+
+    @pytest.mark.rabbitmq_only("frame_max is RabbitMQ's negotiated AMQP frame size")
+    async def test_headers_too_large_is_an_error_to_that_session_only(
+        self, gateway: Gateway, ws_url: str, backdoor: Channel, bystander: Bystander
+    ) -> None:
+        headers = {f"h{i}": "v" * 8000 for i in range(17)}  # each within the gateway's limits; ~136 KiB in all
+        received = await hostile(
+            ws_url, frame("SEND", "x", destination=f"/topic/{bystander.topic}.x", receipt="r", **headers)
+        )
+        error = received[-1]
+        assert error.command == "ERROR"  # type: ignore[attr-defined]
+        assert error.get("message") == "Invalid header"  # type: ignore[attr-defined]
+        assert b"Headers too large" in error.body  # type: ignore[attr-defined]
+        assert b"131072" in error.body  # the frame_max RabbitMQ negotiated  # type: ignore[attr-defined]
+        await bystander.check(backdoor)
+
+    @pytest.mark.rabbitmq_only("frame_max is RabbitMQ's negotiated AMQP frame size")
+    async def test_a_header_block_just_below_frame_max_is_published(
+        self, gateway: Gateway, ws_url: str, backdoor: Channel, bystander: Bystander
+    ) -> None:
+        headers = {f"h{i}": "v" * 8000 for i in range(15)}  # ~120 KiB: fits 131072
+        client = await open_ws(ws_url)
+        try:
+            await client.connect()
+            await client.send(frame("SUBSCRIBE", destination=f"/topic/{bystander.topic}.big", id="s", receipt="s"))
+            await client.receipt("s")
+            await client.send(frame("SEND", "x", destination=f"/topic/{bystander.topic}.big", **headers))
+            message = await client.receive_command("MESSAGE")
+            assert message.get("h14") == "v" * 8000
+        finally:
+            await client.close()
+        await bystander.check(backdoor)
+
+
+class TestChannelErrorStorm:
+    """Channel errors one after another never make RabbitMQ close the shared connection (channel numbers are
+    reused only after the close handshake)."""
+
+    async def test_fifty_failing_sessions_leave_the_bystander_alive(
+        self, gateway: Gateway, ws_url: str, backdoor: Channel, bystander: Bystander, unique: str
+    ) -> None:
+        for _round in range(3):
+            results = await asyncio.gather(
+                *(
+                    hostile(ws_url, frame("SEND", "x", destination=f"/exchange/missing-{unique}-{i}/k", receipt="r"))
+                    for i in range(50)
+                )
+            )
+            for received in results:
+                assert received and received[-1].command == "ERROR", received  # type: ignore[attr-defined]
+                assert received[-1].get("message") == "not_found", received  # type: ignore[attr-defined]
+            await bystander.check(backdoor)
+
+
+class TestExclusivityPerSession:
+    """AMQP ties exclusive queues to the connection; sessions share connections, so the gateway ties them to
+    the session, and another session of the same user gets RESOURCE_LOCKED as it would on Web-STOMP."""
+
+    async def _locked_error(self, url: str, subscribe: frame) -> object:  # type: ignore[valid-type]
+        received = await hostile(url, subscribe)
+        assert received and received[-1].command == "ERROR", received  # type: ignore[attr-defined]
+        return received[-1]
+
+    async def test_send_with_durable_false_declares_a_queue_only_its_session_may_consume(
+        self, gateway: Gateway, ws_url: str, backend: str, unique: str, clients: list[StompClient]
+    ) -> None:
+        owner = await open_ws(ws_url)
+        clients.append(owner)
+        await owner.connect()
+        queue = f"/queue/excl-{unique}"
+        await owner.send(frame("SEND", "mine", destination=queue, durable="false", receipt="s"))
+        await owner.receipt("s")
+
+        error = await self._locked_error(ws_url, frame("SUBSCRIBE", destination=queue, id="1", durable="false"))
+        assert error.get("message") == "resource_locked"  # type: ignore[attr-defined]
+        assert f"exclusive access to locked queue 'excl-{unique}'".encode() in error.body  # type: ignore[attr-defined]
+
+        if backend == "rabbitmq":
+            # A session on another AMQP connection (another gateway) gets the very same answer from RabbitMQ.
+            from tests.conftest import make_config
+
+            other = Gateway(make_config("rabbitmq"))
+            await other.start()
+            try:
+                theirs = await self._locked_error(
+                    f"ws://127.0.0.1:{other.port}/ws", frame("SUBSCRIBE", destination=queue, id="1", durable="false")
+                )
+            finally:
+                await other.stop()
+            assert theirs.get("message") == error.get("message")  # type: ignore[attr-defined]
+            assert theirs.body == error.body  # type: ignore[attr-defined]
+
+        # The owner itself still consumes it.
+        await owner.send(frame("SUBSCRIBE", destination=queue, id="mine", durable="false", receipt="sub"))
+        await owner.receipt("sub")
+        message = await owner.receive_command("MESSAGE")
+        assert message.body == b"mine"
+
+    async def test_exclusive_named_subscription_queue_is_locked_for_other_sessions(
+        self, gateway: Gateway, ws_url: str, unique: str, clients: list[StompClient], backdoor: Channel
+    ) -> None:
+        owner = await open_ws(ws_url)
+        clients.append(owner)
+        await owner.connect()
+        name = f"excl-sub-{unique}"
+        await owner.send(
+            frame("SUBSCRIBE", destination=f"/topic/x.{unique}", id="1", exclusive="true", x_queue_name=name,
+                  receipt="sub")
+        )
+        await owner.receipt("sub")
+        error = await self._locked_error(ws_url, frame("SUBSCRIBE", destination=f"/amq/queue/{name}", id="1"))
+        assert error.get("message") == "resource_locked"  # type: ignore[attr-defined]
+        # the owner's subscription is untouched
+        await backdoor.publish("amq.topic", f"x.{unique}", b"still mine", MessageProperties())
+        assert (await owner.receive_command("MESSAGE")).body == b"still mine"
+
+    async def test_the_queue_is_free_again_once_its_session_ended(
+        self, gateway: Gateway, ws_url: str, unique: str, clients: list[StompClient]
+    ) -> None:
+        queue = f"/queue/excl-end-{unique}"
+        owner = await open_ws(ws_url)
+        await owner.connect()
+        await owner.send(frame("SEND", "x", destination=queue, durable="false", receipt="s"))
+        await owner.receipt("s")
+        await owner.send(frame("DISCONNECT", receipt="bye"))
+        await owner.receipt("bye")
+        await owner.close()
+        later = await open_ws(ws_url)
+        clients.append(later)
+        await later.connect()
+        for attempt in range(50):  # the queue is deleted right after the session's end
+            await later.send(frame("SUBSCRIBE", destination=queue, id=str(attempt), durable="false",
+                                   receipt=f"r{attempt}"))
+            reply = await later.receive()
+            if reply.command == "RECEIPT":
+                break
+            assert reply.get("message") == "resource_locked", reply
+            await later.close()
+            await asyncio.sleep(0.1)
+            later = await open_ws(ws_url)
+            clients.append(later)
+            await later.connect()
+        else:
+            raise AssertionError("the exclusive queue stayed locked after its session ended")
