@@ -230,3 +230,37 @@ class TestExclusivityPerSession:
             await later.connect()
         else:
             raise AssertionError("the exclusive queue stayed locked after its session ended")
+
+
+class TestWhenRabbitMQClosesASharedConnectionAnyway:
+    @pytest.mark.rabbitmq_only("a connection-level error from RabbitMQ")
+    async def test_the_reason_is_logged_and_told_to_the_sessions_without_internals(
+        self, gateway: Gateway, ws_url: str, unique: str, clients: list[StompClient], caplog: pytest.LogCaptureFixture
+    ) -> None:
+        from aiormq.abc import ChannelFrame
+        from pamqp import commands as spec
+
+        from gateway.broker.amqp import AmqpBroker
+
+        session = await open_ws(ws_url)
+        clients.append(session)
+        connected = await session.connect()
+        await session.send(frame("SUBSCRIBE", destination=f"/queue/gone-{unique}", id="1", auto_delete="true",
+                                 receipt="r"))
+        await session.receipt("r")
+        assert isinstance(gateway.broker, AmqpBroker)
+        (pooled,) = [p for pool in gateway.broker._pools.values() for p in pool if p.channels]
+        # Something only a bug could send: a frame on a channel that was never opened (504 CHANNEL_ERROR).
+        pooled.underlay.write_queue.put_nowait(ChannelFrame.marshall(channel_number=2000, frames=[spec.Basic.Ack(1)]))
+        error = await session.receive_command("ERROR", timeout=10)
+        assert error.get("message") == "connection_forced"
+        assert b"RabbitMQ closed the gateway's connection: 504 CHANNEL_ERROR" in error.body
+        for internal in (b"127.0.0.1", b"5672", b"guest", b"amqp://"):
+            assert internal not in error.body
+        warnings = [r for r in caplog.records if r.name == "gateway.broker.amqp" and r.levelname == "WARNING"]
+        assert any(
+            "504 CHANNEL_ERROR" in r.getMessage() and f"session {connected.get('session')}" in r.getMessage()
+            for r in warnings
+        ), [r.getMessage() for r in warnings]
+        ours = [r.getMessage() for r in caplog.records if r.name.startswith("gateway")]
+        assert not any("guest" in m.split("user ")[0] or "amqp://" in m or "127.0.0.1" in m for m in ours), ours
