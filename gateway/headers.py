@@ -101,7 +101,8 @@ def properties_from_send(
     ``content-length``, which are the gateway's own business.
 
     Raises :class:`ProtocolError` "Invalid header" for a ``message-id`` header (RabbitMQ's wording), for
-    a malformed ``priority`` or ``timestamp`` and for a property longer than an AMQP short string.
+    a malformed ``priority`` or ``timestamp``, for a property longer than an AMQP short string and for a
+    custom header name longer than an AMQP field name (128 bytes).
     """
     props = MessageProperties()
     seen: set[str] = set()
@@ -113,6 +114,12 @@ def properties_from_send(
         if name not in _NOT_CUSTOM_ON_SEND:
             if name == "message-id":
                 raise ProtocolError("Invalid header", "'message-id' is not allowed on 'SEND'.\n")
+            if len(name) > MAX_FIELD_NAME // 4 and len(name.encode()) > MAX_FIELD_NAME:
+                raise ProtocolError(
+                    "Invalid header",
+                    f"Header names are limited to {MAX_FIELD_NAME} bytes of UTF-8 in AMQP; "
+                    f"'{name[:32]}...' is longer\n",
+                )
             custom[name] = value
             continue
         attribute = _STRING_PROPERTIES.get(name)
@@ -142,6 +149,8 @@ _SECOND = datetime.timedelta(seconds=1)
 
 #: AMQP carries these properties as short strings: at most 255 bytes of UTF-8.
 MAX_SHORT_STRING = 255
+#: AMQP field-table names (the headers table) are at most 128 bytes; pamqp would cut a longer one silently.
+MAX_FIELD_NAME = 128
 
 
 def _short_string(name: str, value: str) -> str:

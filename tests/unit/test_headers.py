@@ -107,6 +107,17 @@ def test_g_message_id_on_send() -> None:
     )
 
 
+def test_c1_custom_header_names_up_to_the_amqp_field_name_limit() -> None:
+    # AMQP field-table names are at most 128 bytes: longer ones are refused, never cut short.
+    assert properties_from_send([("n" * 128, "v")]).headers == {"n" * 128: "v"}
+    assert properties_from_send([("é" * 64, "v")]).headers == {"é" * 64: "v"}  # 128 bytes of UTF-8
+    for name in ("n" * 129, "é" * 65):
+        with pytest.raises(ProtocolError) as info:
+            properties_from_send([(name, "v")])
+        assert info.value.message == "Invalid header"
+        assert "128 bytes" in info.value.detail
+
+
 @pytest.mark.parametrize(
     ("header", "value"),
     [
