@@ -264,3 +264,68 @@ class TestWhenRabbitMQClosesASharedConnectionAnyway:
         ), [r.getMessage() for r in warnings]
         ours = [r.getMessage() for r in caplog.records if r.name.startswith("gateway")]
         assert not any("guest" in m.split("user ")[0] or "amqp://" in m or "127.0.0.1" in m for m in ours), ours
+
+
+def _send(destination: str, body: str = "x", **headers: str) -> frame:  # type: ignore[valid-type]
+    return frame("SEND", body, destination=destination, receipt="r", **headers)
+
+
+def _subscribe(destination: str, **headers: str) -> frame:  # type: ignore[valid-type]
+    headers.setdefault("id", "s")
+    return frame("SUBSCRIBE", destination=destination, receipt="r", **headers)
+
+
+#: Every client-controlled value that reaches the AMQP wire, at or past RabbitMQ's limits: each may fail the
+#: session that sent it (at channel level or in the gateway), never the connection it shares.
+HOSTILE = {
+    "header block over frame_max": _send("/topic/iso.h", **{f"h{i}": "v" * 8000 for i in range(17)}),
+    "header name over 128 bytes": _send("/topic/iso.h", **{"n" * 200: "v"}),
+    "header name over 255 bytes": _send("/topic/iso.h", **{"n" * 300: "v"}),
+    "short-string property over 255 bytes": _send("/topic/iso.h", correlation_id="c" * 300),
+    "user-id of another user": _send("/topic/iso.h", user_id="someone-else"),
+    "expiration not a number": _send("/topic/iso.h", expiration="soon"),
+    "expiration negative": _send("/topic/iso.h", expiration="-5"),
+    "priority at the top": _send("/topic/iso.h", priority="255"),
+    "routing key over 255 bytes": _send("/topic/" + "k" * 300),
+    "exchange name over 255 bytes": _send("/exchange/" + "e" * 300 + "/k"),
+    "queue name over 255 bytes": _send("/queue/" + "q" * 300),
+    "missing exchange": _send("/exchange/iso-missing-exchange/k"),
+    "reserved queue name": _send("/queue/amq.iso"),
+    "queue argument of the wrong type": _subscribe("/queue/iso-arg-type", x_max_length="many"),
+    "queue argument beyond 64 bits": _subscribe("/queue/iso-arg-big", x_max_length="9" * 30),
+    "unknown queue type": _subscribe("/queue/iso-qtype", x_queue_type="bogus"),
+    "max priority out of range": _subscribe("/queue/iso-prio", x_max_priority="1000"),
+    "overflow behaviour unknown": _subscribe("/queue/iso-overflow", x_overflow="explode"),
+    "queue arguments over frame_max": _subscribe(
+        "/queue/iso-args", x_dead_letter_exchange="d" * 8000, x_dead_letter_routing_key="r" * 8000,
+        x_queue_name="n" * 200, **{f"x-unknown-{i}": "u" * 8000 for i in range(16)},
+    ),
+    "consumer tag over 255 bytes": _subscribe("/topic/iso.t", id="i" * 300),
+    "consumer priority beyond 64 bits": _subscribe("/queue/iso-cprio", x_priority="9" * 30),
+    "prefetch beyond a short": _subscribe("/queue/iso-prefetch", prefetch_count="70000", ack="client"),
+    "stream consumed without acks": _subscribe("/queue/iso-stream", x_queue_type="stream"),
+    "stream offset nonsense": _subscribe("/queue/iso-stream", x_queue_type="stream", ack="client",
+                                         prefetch_count="10", x_stream_offset="yesterday"),
+    "exclusive queue of another session": _subscribe("/amq/queue/amq.gen-iso"),
+    "ack of an unknown message": frame("ACK", id="nothing-here", receipt="r"),
+    "nack of an unknown message": frame("NACK", id="nothing-here", requeue="maybe", receipt="r"),
+}
+
+
+class TestEveryValueOnTheWire:
+    @pytest.mark.rabbitmq_only("the shared AMQP connection is RabbitMQ's")
+    @pytest.mark.parametrize("case", list(HOSTILE))
+    async def test_a_hostile_value_fails_at_most_its_own_session(
+        self, case: str, gateway: Gateway, ws_url: str, backdoor: Channel, bystander: Bystander
+    ) -> None:
+        received = await hostile(ws_url, HOSTILE[case])
+        for reply in received:
+            if reply.command == "ERROR":  # type: ignore[attr-defined]
+                assert reply.get("message") != "Internal error", reply  # type: ignore[attr-defined]
+        await bystander.check(backdoor)
+        for queue in ("iso-arg-type", "iso-arg-big", "iso-qtype", "iso-prio", "iso-overflow", "iso-args",
+                      "iso-cprio", "iso-prefetch", "iso-stream"):
+            try:
+                await backdoor.delete_queue(queue)
+            except Exception:  # most were never declared
+                break

@@ -7,18 +7,21 @@ CI runs a bounded number of examples; set ``ISOLATION_EXAMPLES`` (e.g. 2000) for
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import uuid
 from collections.abc import AsyncIterator
 
+import aio_pika
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway.broker.base import BrokerError, Channel
+from gateway.broker.base import Channel
 from gateway.server import Gateway
 from gateway.stomp.frames import Frame
+from tests.conftest import AMQP_URL
 from tests.integration.test_isolation import Bystander
 from tests.stomp_client import open_ws
 
@@ -87,19 +90,29 @@ async def bystander(ws_url: str, backdoor: Channel, unique: str) -> AsyncIterato
     b = await Bystander.start(ws_url, unique)
     yield b
     await b.close(backdoor)
-    await _delete_generated_queues(backdoor)
+    await _delete_generated_queues()
 
 
-async def _delete_generated_queues(backdoor: Channel) -> None:
+async def _delete_generated_queues() -> None:
+    """Remove every queue the generated frames declared (each name starts with PREFIX)."""
     listing = await asyncio.to_thread(
-        subprocess.run, ["rabbitmqctl", "-q", "list_queues", "name"], capture_output=True, text=True, check=False
+        subprocess.run,
+        ["rabbitmqctl", "-q", "list_queues", "name", "--formatter", "json"],
+        capture_output=True,
+        text=True,
+        check=False,
     )
-    for name in listing.stdout.splitlines():
-        if name.startswith(PREFIX):
+    names = [row["name"] for row in json.loads(listing.stdout or "[]") if row["name"].startswith(PREFIX)]
+    connection = await aio_pika.connect(AMQP_URL)
+    try:
+        channel = await connection.channel()
+        for name in names:
             try:
-                await backdoor.delete_queue(name)
-            except BrokerError:
-                return
+                await channel.queue_delete(name)
+            except aio_pika.exceptions.AMQPError:
+                channel = await connection.channel()
+    finally:
+        await connection.close()
 
 
 @pytest.mark.rabbitmq_only("the shared AMQP connection is RabbitMQ's")
