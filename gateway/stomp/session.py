@@ -33,6 +33,7 @@ from gateway.destinations import (
     check_send_destination,
     durable_unsubscribe_queue,
     format_destination,
+    parse_bool,
     parse_destination,
     routing_pair,
     send_declaration,
@@ -622,9 +623,11 @@ class Session:
     def _acknowledge(self, frame: Frame, *, nack: bool) -> list[Action]:
         header = "id" if self.version == "1.2" else "message-id"
         ack_id = frame.get(header)
-        key = self._ack_index.get(ack_id) if ack_id is not None else None
+        if ack_id is None:
+            raise ProtocolError("Missing header", f'"{frame.command}" must include the "{header}" header\n')
+        key = self._ack_index.get(ack_id)
         subscription = self.subscriptions.get(key) if key is not None else None
-        if ack_id is None or subscription is None or ack_id not in subscription.pending:
+        if subscription is None or ack_id not in subscription.pending:
             raise ProtocolError(
                 "Invalid header", f'"{frame.command}" must include a valid "{header}" header\n'
             )
@@ -639,7 +642,11 @@ class Session:
         else:
             tags = [subscription.pending.pop(ack_id)]
             self._ack_index.pop(ack_id, None)
-        requeue = frame.get("requeue", "true") != "false"
+        # RabbitMQ's boolean header: true/false, or the True/False of Python clients; anything else (or
+        # none) is the default, which is to requeue (stomp.default_nack_requeue).
+        requeue = parse_bool(frame.get("requeue"))
+        if requeue is None:
+            requeue = True
         return [Ack(subscription, tuple(tags), nack, requeue, _receipt(frame))]
 
     # -- transactions -----------------------------------------------------------------------------------

@@ -301,6 +301,56 @@ class TestAcknowledgement:
         await c.receive_command("RECEIPT")
         await c.nothing()
 
+    @pytest.mark.parametrize("requeue", ["false", "False"])
+    async def test_nack_without_requeue_dead_letters(
+        self, ws_url: str, clients: list[StompClient], unique: str, requeue: str, backdoor: Channel
+    ) -> None:
+        c = await connected_client(ws_url, clients)
+        dead = f"/queue/dead-{unique}"
+        await subscribe(c, dead, "dead")
+        queue = f"/queue/nack-{unique}"
+        await subscribe(c, queue, ack="client-individual", x_dead_letter_exchange="",
+                        x_dead_letter_routing_key=f"dead-{unique}")
+        await backdoor.publish("", f"nack-{unique}", b"reject me", MessageProperties())
+        message = await c.receive_command("MESSAGE")
+        assert message.get("subscription") == "s1"
+        await c.send(frame("NACK", id=message.get("ack") or "", requeue=requeue, receipt="n"))
+        await c.receipt("n")
+        dead_letter = await c.receive_command("MESSAGE")
+        assert (dead_letter.get("subscription"), dead_letter.body) == ("dead", b"reject me")
+        await c.nothing()  # not redelivered to s1
+        for name in (f"dead-{unique}", f"nack-{unique}"):
+            await backdoor.delete_queue(name)
+
+    async def test_nack_without_requeue_and_without_dead_letter_exchange_drops(
+        self, ws_url: str, clients: list[StompClient], unique: str, backdoor: Channel
+    ) -> None:
+        c = await connected_client(ws_url, clients)
+        queue = f"/queue/drop-{unique}"
+        await subscribe(c, queue, ack="client")
+        await send(c, queue, "drop me")
+        message = await c.receive_command("MESSAGE")
+        await c.send(frame("NACK", id=message.get("ack") or "", requeue="False", receipt="n"))
+        await c.receipt("n")
+        await c.nothing()
+        await c.send(frame("UNSUBSCRIBE", id="s1", receipt="u"))
+        await c.receipt("u")
+        other = await connected_client(ws_url, clients)
+        await subscribe(other, queue)
+        await other.nothing()  # nothing went back to the queue
+        await backdoor.delete_queue(f"drop-{unique}")
+
+    @pytest.mark.parametrize(("version", "header"), [("1.2", "id"), ("1.1", "message-id"), ("1.0", "message-id")])
+    @pytest.mark.parametrize("command", ["ACK", "NACK"])
+    async def test_ack_without_its_id_header_is_missing_header(
+        self, ws_url: str, clients: list[StompClient], version: str, header: str, command: str
+    ) -> None:
+        c = await connected_client(ws_url, clients, version)
+        await c.send(frame(command, subscription="s1"))
+        error = await c.receive_command("ERROR")
+        assert error.get("message") == "Missing header"
+        assert error.body == f'"{command}" must include the "{header}" header\n'.encode()
+
     async def test_unacked_messages_return_to_the_queue_on_disconnect(
         self, ws_url: str, clients: list[StompClient], unique: str
     ) -> None:

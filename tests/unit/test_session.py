@@ -1040,8 +1040,8 @@ class TestAck:
         session, sub = client_session(version, "client-individual")
         (message_id,) = deliver_tags(session, sub, 1)
         assert fails(session, make("ACK", {"id": message_id})) == (
-            "Invalid header",
-            '"ACK" must include a valid "message-id" header\n',
+            "Missing header",
+            '"ACK" must include the "message-id" header\n',
         )
         session, sub = client_session(version, "client-individual")
         (message_id,) = deliver_tags(session, sub, 1)
@@ -1081,7 +1081,16 @@ class TestAck:
         assert acknowledge(session, first).delivery_tags == (1,)
 
     @pytest.mark.parametrize(
-        ("extra", "requeue"), [({}, True), ({"requeue": "false"}, False), ({"requeue": "true"}, True)]
+        ("extra", "requeue"),
+        [
+            ({}, True),
+            ({"requeue": "false"}, False),
+            ({"requeue": "true"}, True),
+            ({"requeue": "False"}, False),  # what Python clients send, as RabbitMQ accepts
+            ({"requeue": "True"}, True),
+            ({"requeue": "FALSE"}, True),  # anything else is the default
+            ({"requeue": "no"}, True),
+        ],
     )
     def test_nack_requeue(self, extra: dict[str, str], requeue: bool) -> None:
         session, sub = client_session(ack="client-individual")
@@ -1103,9 +1112,10 @@ class TestAck:
             f'"{command}" must include a valid "id" header\n',
         )
 
-    def test_missing_id(self) -> None:
+    @pytest.mark.parametrize("command", ["ACK", "NACK"])
+    def test_missing_id(self, command: str) -> None:
         session, _ = client_session()
-        assert fails(session, make("ACK")) == ("Invalid header", '"ACK" must include a valid "id" header\n')
+        assert fails(session, make(command)) == ("Missing header", f'"{command}" must include the "id" header\n')
 
     def test_double_ack(self) -> None:
         session, sub = client_session(ack="client-individual")
