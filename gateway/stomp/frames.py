@@ -42,7 +42,8 @@ SUPPORTED_VERSIONS_TEXT = "1.0,1.1,1.2"
 _UNESCAPED_COMMANDS = frozenset({"CONNECT", "STOMP", "CONNECTED"})
 _ESCAPING_VERSIONS = frozenset({"1.1", "1.2"})
 
-_EOLS = re.compile(rb"[\r\n]*")  # heart-beats between frames
+# Heart-beats between frames, and the stray NULs RabbitMQ's parser also skips (``\n\0SUBSCRIBE...``).
+_EOLS = re.compile(rb"[\r\n\x00]*")
 _HEADER_END = re.compile(rb"\n\r?\n")  # end of the last header line + the blank line
 _COMMAND = re.compile(r"[!-~]+")  # visible ASCII, no spaces
 _ESCAPE = re.compile(r"\\(.?)", re.DOTALL)
@@ -352,7 +353,7 @@ class FrameParser:
             head = self._head
             if head is None:
                 if not self._started:
-                    if pos < end and (buf[pos] == 10 or buf[pos] == 13):
+                    if pos < end and (buf[pos] == 10 or buf[pos] == 13 or buf[pos] == 0):
                         pos = _EOLS.match(buf, pos).end()  # type: ignore[union-attr]  # always matches
                     if pos == end:
                         break

@@ -628,3 +628,20 @@ async def test_broker_nack_becomes_an_error_naming_the_receipt(
         await connected.wait_closed()
     finally:
         await backdoor.delete_queue(queue)
+
+
+class TestPadding:
+    """RabbitMQ's parser skips NULs and EOLs before a frame; so does the gateway's."""
+
+    async def test_nuls_and_eols_before_and_between_frames(self, connected: StompClient, unique: str) -> None:
+        destination = f"/topic/pad.{unique}"
+        await connected.send(
+            b"\n\x00SUBSCRIBE\ndestination:" + destination.encode() + b"\nid:1\nreceipt:s\n\n\x00\x00\n"
+        )
+        await connected.receipt("s")
+        await connected.send(b"\x00\nSEND\ndestination:" + destination.encode() + b"\n\nhi\x00\x00\n\x00")
+        message = await connected.receive_command("MESSAGE")
+        assert message.body == b"hi"
+        await connected.send(b"\x00")  # padding alone is no frame and no error
+        await connected.send(frame("DISCONNECT", receipt="bye"))
+        await connected.receipt("bye")

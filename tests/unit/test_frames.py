@@ -135,6 +135,20 @@ class TestFraming:
             Frame("SEND", body=b"B"),
         ]
 
+    def test_nuls_and_eols_before_a_frame_are_skipped(self) -> None:
+        """As RabbitMQ's parser: ``\\n\\0SUBSCRIBE...`` and ``\\0\\n`` between frames."""
+        assert feed(b"\n\x00SEND\n\nA\x00\x00\nSEND\n\nB\x00\x00\x00\r\n\x00SEND\n\nC\x00") == [
+            Frame("SEND", body=b"A"),
+            Frame("SEND", body=b"B"),
+            Frame("SEND", body=b"C"),
+        ]
+
+    def test_nothing_but_nuls_and_eols_is_no_frame(self) -> None:
+        assert feed(b"\x00\n\x00\r\n\x00") == []
+
+    def test_a_nul_inside_a_command_line_is_still_malformed(self) -> None:
+        feed_error(b"SE\x00ND\n\n\x00", "Invalid frame")
+
     def test_frames_ending_in_nul_only(self) -> None:
         """stomp.js style: no EOL after the NUL."""
         assert feed(b"SEND\n\nA\x00SEND\n\nB\x00") == [Frame("SEND", body=b"A"), Frame("SEND", body=b"B")]
@@ -193,14 +207,14 @@ class TestFraming:
 
     @pytest.mark.parametrize(
         "line",
-        [b"\x01\x02\x03", b"SE ND", b"\xff\xfeSEND", b"S\xc3\xa9ND", b"SEND\x7f", b"\x00"],
-        ids=["control", "space", "not-utf8", "non-ascii", "del", "nul"],
+        [b"\x01\x02\x03", b"SE ND", b"\xff\xfeSEND", b"S\xc3\xa9ND", b"SEND\x7f", b"\x00\x01"],
+        ids=["control", "space", "not-utf8", "non-ascii", "del", "nul-then-control"],
     )
     def test_invalid_command_line(self, line: bytes) -> None:
         feed_error(line + b"\n\n\x00", "Invalid frame")
 
     def test_binary_garbage_is_invalid(self) -> None:
-        feed_error(bytes(range(256)), "Invalid frame")
+        feed_error(bytes(range(256)) + b"\n\n\x00", "Invalid frame")
 
     def test_header_line_without_colon(self) -> None:
         feed_error(b"SEND\nbogusline\n\n\x00", "Invalid frame", "Header line without ':'")
