@@ -52,6 +52,7 @@ from gateway.broker.base import (
     MessageProperties,
     PublishNacked,
     VhostNotFound,
+    check_names,
 )
 
 __all__ = ["AmqpBroker", "AmqpChannel", "Principal", "credentials_from_url"]
@@ -524,6 +525,7 @@ class AmqpChannel(Channel):
         arguments: Mapping[str, Any] | None = None,
         passive: bool = False,
     ) -> str:
+        check_names(queue_name=name)
         self._pooled.check_exclusive(name, self.owner)
         table = FieldTable(arguments or {})
         if arguments:
@@ -548,20 +550,25 @@ class AmqpChannel(Channel):
     async def check_exchange(self, name: str) -> None:
         if name == "":
             return
+        check_names(exchange_name=name)
         await self._call(self._channel.exchange_declare(name, passive=True))
 
     async def declare_exchange(self, name: str, type: str = "topic", *, durable: bool = True) -> None:
+        check_names(exchange_name=name)
         await self._call(self._channel.exchange_declare(name, exchange_type=type, durable=durable))
 
     async def bind_queue(self, queue: str, exchange: str, routing_key: str) -> None:
+        check_names(queue_name=queue, exchange_name=exchange, binding_key=routing_key)
         self._pooled.check_exclusive(queue, self.owner)
         await self._call(self._channel.queue_bind(queue, exchange, routing_key=routing_key))
 
     async def unbind_queue(self, queue: str, exchange: str, routing_key: str) -> None:
+        check_names(queue_name=queue, exchange_name=exchange, binding_key=routing_key)
         self._pooled.check_exclusive(queue, self.owner)
         await self._call(self._channel.queue_unbind(queue, exchange, routing_key=routing_key))
 
     async def delete_queue(self, name: str) -> None:
+        check_names(queue_name=name)
         self._pooled.check_exclusive(name, self.owner)
         await self._call(self._channel.queue_delete(name))
         self._pooled.exclusive.pop(name, None)
@@ -577,6 +584,7 @@ class AmqpChannel(Channel):
         exclusive: bool = False,
         arguments: Mapping[str, Any] | None = None,
     ) -> str:
+        check_names(queue_name=queue, consumer_tag=consumer_tag)
         self._pooled.check_exclusive(queue, self.owner)
         if arguments:
             self._check_fits(
@@ -646,10 +654,10 @@ class AmqpChannel(Channel):
         if ch.is_closed:
             result.set_exception(ChannelClosed())
             return result
-        if len(exchange.encode()) > 255 or len(routing_key.encode()) > 255:
-            result.set_exception(
-                BrokerError(406, "precondition_failed", "exchange names and routing keys are limited to 255 bytes")
-            )
+        try:
+            check_names(exchange_name=exchange, routing_key=routing_key)
+        except BrokerError as error:
+            result.set_exception(error)
             return result
         self._pooled.last_owner = self.owner
         try:

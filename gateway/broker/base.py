@@ -30,6 +30,7 @@ __all__ = [
     "MessageProperties",
     "PublishNacked",
     "VhostNotFound",
+    "check_names",
 ]
 
 
@@ -145,6 +146,22 @@ class PublishNacked(BrokerError):
 
     def __init__(self, text: str = "the broker rejected the message") -> None:
         super().__init__(406, "nacked", text)
+
+
+#: AMQP carries queue and exchange names, routing and binding keys as short strings: at most 255 bytes.
+MAX_NAME_BYTES = 255
+
+
+def check_names(**names: str) -> None:
+    """Raise ``precondition_failed`` (406) for a name or key longer than AMQP allows, the same on every
+    broker (keyword: what the value is, e.g. ``routing_key``)."""
+    for what, value in names.items():
+        if len(value) > MAX_NAME_BYTES // 4 and len(value.encode()) > MAX_NAME_BYTES:
+            raise BrokerError(
+                406,
+                "precondition_failed",
+                f"{what.replace('_', ' ')} '{value[:32]}...' is longer than the {MAX_NAME_BYTES} bytes AMQP allows",
+            )
 
 
 class Channel(abc.ABC):

@@ -62,6 +62,7 @@ from gateway.broker.base import (
     MessageProperties,
     PublishNacked,
     VhostNotFound,
+    check_names,
 )
 
 __all__ = [
@@ -1060,6 +1061,7 @@ class MemoryChannel(Channel):
     ) -> str:
         try:
             self._check_open()
+            check_names(queue_name=name)
             vhost = self._vhost
             if passive:
                 self._accessible_queue(name)
@@ -1117,6 +1119,7 @@ class MemoryChannel(Channel):
     async def check_exchange(self, name: str) -> None:
         try:
             self._check_open()
+            check_names(exchange_name=name)
             self._exchange(name)
         except BrokerError as error:
             raise self._fail(error) from None
@@ -1125,6 +1128,7 @@ class MemoryChannel(Channel):
         """Declare an exchange of type ``direct``, ``fanout`` or ``topic`` (RabbitMQ's errors otherwise)."""
         try:
             self._check_open()
+            check_names(exchange_name=name)
             if type not in EXCHANGE_TYPES:
                 raise BrokerError(503, "command_invalid", f"unknown exchange type '{type}'")
             if name == "":
@@ -1147,6 +1151,7 @@ class MemoryChannel(Channel):
     async def bind_queue(self, queue: str, exchange: str, routing_key: str) -> None:
         try:
             self._check_open()
+            check_names(queue_name=queue, exchange_name=exchange, binding_key=routing_key)
             target, source = self._binding_ends(queue, exchange)
             if (source, routing_key) not in target.bindings:
                 source.bind(target, routing_key)
@@ -1157,6 +1162,7 @@ class MemoryChannel(Channel):
     async def unbind_queue(self, queue: str, exchange: str, routing_key: str) -> None:
         try:
             self._check_open()
+            check_names(queue_name=queue, exchange_name=exchange, binding_key=routing_key)
             target, source = self._binding_ends(queue, exchange)
             if (source, routing_key) in target.bindings:
                 source.unbind(target, routing_key)
@@ -1174,6 +1180,7 @@ class MemoryChannel(Channel):
         """Delete a queue and its ready messages; deleting a missing queue succeeds (RabbitMQ 3.x)."""
         try:
             self._check_open()
+            check_names(queue_name=name)
             if name in self._vhost.queues:
                 self._broker._delete_queue(self._accessible_queue(name))
         except BrokerError as error:
@@ -1195,6 +1202,7 @@ class MemoryChannel(Channel):
         """Start a consumer; deliveries begin in a later event-loop pass. ``arguments`` are ignored."""
         try:
             self._check_open()
+            check_names(queue_name=queue, consumer_tag=consumer_tag)
             if consumer_tag in self._consumers:
                 raise BrokerError(530, "not_allowed", f"attempt to reuse consumer tag '{consumer_tag}'")
             source = self._accessible_queue(queue)
@@ -1262,6 +1270,7 @@ class MemoryChannel(Channel):
         refused it. ``properties`` is copied: the caller may reuse it."""
         try:
             self._check_open()
+            check_names(exchange_name=exchange, routing_key=routing_key)
             if exchange == "amq.default":
                 exchange = ""
             target = self._exchange(exchange)

@@ -645,3 +645,35 @@ class TestPadding:
         await connected.send(b"\x00")  # padding alone is no frame and no error
         await connected.send(frame("DISCONNECT", receipt="bye"))
         await connected.receipt("bye")
+
+
+class TestNameLimits:
+    """AMQP names and keys are short strings (255 bytes): both backends refuse longer ones alike, with
+    RabbitMQ's precondition_failed."""
+
+    @pytest.mark.parametrize(
+        ("command", "destination", "what"),
+        [
+            ("SEND", "/queue/" + "q" * 256, "queue name"),
+            ("SUBSCRIBE", "/queue/" + "é" * 128, "queue name"),
+            ("SEND", "/topic/" + "k" * 256, "routing key"),
+            ("SUBSCRIBE", "/topic/" + "k" * 256, "binding key"),
+            ("SEND", "/exchange/" + "e" * 256 + "/k", "exchange name"),
+            ("SUBSCRIBE", "/exchange/amq.topic/" + "k" * 300, "binding key"),
+            ("SUBSCRIBE", "/amq/queue/" + "q" * 256, "queue name"),
+        ],
+    )
+    async def test_over_255_bytes(self, connected: StompClient, command: str, destination: str, what: str) -> None:
+        await connected.send(frame(command, destination=destination, id="1", receipt="r"))
+        error = await connected.receive_command("ERROR")
+        assert error.get("message") == "precondition_failed"
+        assert error.body.startswith(what.encode() + b" '")
+        assert error.body.endswith(b"...' is longer than the 255 bytes AMQP allows")
+
+    async def test_exactly_255_bytes_is_fine(self, connected: StompClient, backdoor: Channel) -> None:
+        name = "q" * 255
+        await connected.send(frame("SUBSCRIBE", destination=f"/queue/{name}", id="1", receipt="r"))
+        await connected.receipt("r")
+        await connected.send(frame("SEND", "x", destination="/topic/" + "k" * 255, receipt="s"))
+        await connected.receipt("s")
+        await backdoor.delete_queue(name)
