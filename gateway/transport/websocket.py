@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from http import HTTPStatus
 import ssl
 import weakref
 from collections.abc import Sequence
@@ -199,8 +200,10 @@ async def serve_websocket(gateway: Any, http: HttpResponder) -> Server:
         gateway.connection_opened(connection)
         try:
             while True:
-                data = await ws.recv(decode=False)
-                await connection.receive_data(data)
+                # Text messages are decoded, so invalid UTF-8 fails the connection with 1007 (RFC 6455
+                # §8.1); the codec takes bytes.
+                message = await ws.recv()
+                await connection.receive_data(message.encode() if type(message) is str else message)
         except ConnectionClosed:
             pass
         finally:
@@ -210,6 +213,11 @@ async def serve_websocket(gateway: Any, http: HttpResponder) -> Server:
     def process_request(ws: ServerConnection, request: Request) -> Response | None:
         path = request.path.split("?", 1)[0]
         if path == WS_PATH and "upgrade" in request.headers.get("Connection", "").lower():
+            if request.headers.get("Sec-WebSocket-Version") != "13":
+                # RFC 6455 §4.4: name the version this server speaks.
+                response = ws.respond(HTTPStatus.UPGRADE_REQUIRED, "Only WebSocket version 13 is supported\n")
+                response.headers["Sec-WebSocket-Version"] = "13"
+                return response
             return None
         return http.respond(request)
 

@@ -147,6 +147,62 @@ class TestHandshake:
             assert ws.protocol.extensions == []
 
 
+class TestRfc6455:
+    """RFC 6455 MUSTs on the server side."""
+
+    @pytest.mark.parametrize("version", ["8", "12", "14", None])
+    async def test_unsupported_version_is_426_naming_13(self, gateway: Gateway, version: str | None) -> None:
+        assert gateway.port is not None
+        reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+        lines = [
+            "GET /ws HTTP/1.1",
+            f"Host: 127.0.0.1:{gateway.port}",
+            "Upgrade: websocket",
+            "Connection: Upgrade",
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+        ]
+        if version is not None:
+            lines.append(f"Sec-WebSocket-Version: {version}")
+        writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        writer.close()
+        status, *headers = head.decode().split("\r\n")
+        assert status.startswith("HTTP/1.1 426 ")
+        assert "Sec-WebSocket-Version: 13" in headers
+
+    async def test_version_13_is_accepted(self, gateway: Gateway) -> None:
+        assert gateway.port is not None
+        reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+        writer.write(
+            (
+                f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            ).encode()
+        )
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        writer.close()
+        assert head.startswith(b"HTTP/1.1 101 ")
+
+    async def test_text_message_that_is_not_utf8_fails_with_1007(self, connected: StompClient) -> None:
+        assert connected.ws is not None
+        # websockets' client only sends valid text, so write the frame ourselves: FIN + text, masked.
+        payload = b"SEND\ndestination:/topic/x\n\n\xff\xfe\x00"
+        mask = b"\x01\x02\x03\x04"
+        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+        transport = connected.ws.transport
+        assert transport is not None
+        transport.write(bytes((0x81, 0x80 | len(payload))) + mask + masked)
+        await connected.wait_closed()
+        assert connected.ws.close_code == 1007
+
+    async def test_binary_message_need_not_be_utf8(self, connected: StompClient, unique: str) -> None:
+        await connected.send(frame("SUBSCRIBE", destination=f"/topic/bin.{unique}", id="1", receipt="s"))
+        await connected.receipt("s")
+        await connected.send(frame("SEND", b"\xff\xfe", destination=f"/topic/bin.{unique}").serialize("1.2"))
+        message = await connected.receive_command("MESSAGE")
+        assert message.body == b"\xff\xfe"
+
+
 def _get(port: int, path: str, *, tls: ssl.SSLContext | None = None) -> http.client.HTTPResponse:
     if tls is not None:
         conn: http.client.HTTPConnection = http.client.HTTPSConnection(
