@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from http import HTTPStatus
 import ssl
 import weakref
 from collections.abc import Sequence
+from http import HTTPStatus
 from typing import Any
 
 from websockets.asyncio.server import Server, ServerConnection, serve
@@ -203,7 +203,7 @@ async def serve_websocket(gateway: Any, http: HttpResponder) -> Server:
                 # Text messages are decoded, so invalid UTF-8 fails the connection with 1007 (RFC 6455
                 # §8.1); the codec takes bytes.
                 message = await ws.recv()
-                await connection.receive_data(message.encode() if type(message) is str else message)
+                await connection.receive_data(message.encode() if isinstance(message, str) else message)
         except ConnectionClosed:
             pass
         finally:
