@@ -697,15 +697,13 @@ class Session:
             check_send_destination(parse_destination(raw))
             properties_from_send(frame.headers)
             send_declaration(parse_destination(raw), dict(self._first_headers(frame)))
+        # The frame keeps its ``receipt``: the RECEIPT promises the frame took effect, so it is sent when
+        # the transaction commits (for a SEND, after the broker's confirm), never for an aborted one.
         buffered.append(
-            Frame(
-                frame.command,
-                tuple((k, v) for k, v in frame.headers if k not in ("transaction", "receipt")),
-                frame.body,
-            )
+            Frame(frame.command, tuple((k, v) for k, v in frame.headers if k != "transaction"), frame.body)
         )
         self._transaction_bytes += size
-        return self._receipt_only(frame)
+        return []
 
     def _release(self, buffered: list[Frame]) -> None:
         self._transaction_bytes -= sum(len(held.body) for held in buffered)

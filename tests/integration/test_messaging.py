@@ -445,6 +445,42 @@ class TestTransactions:
         await connected.send(frame("COMMIT", transaction="t", receipt="done"))
         await connected.receive_command("RECEIPT")
 
+    async def test_receipts_of_transactional_frames_come_at_commit_in_order(
+        self, connected: StompClient, unique: str, backdoor: Channel
+    ) -> None:
+        queue = f"/queue/txr-{unique}"
+        await subscribe(connected, queue, ack="client-individual")
+        await send(connected, queue, "to ack")
+        to_ack = await connected.receive_command("MESSAGE")
+        await connected.send(frame("BEGIN", transaction="t", receipt="b"))
+        assert (await connected.receive_command("RECEIPT")).get("receipt-id") == "b"
+        await connected.send(frame("SEND", "one", destination=queue, transaction="t", receipt="s1"))
+        await connected.send(frame("ACK", id=to_ack.get("ack") or "", transaction="t", receipt="a1"))
+        await connected.send(frame("SEND", "two", destination=queue, transaction="t", receipt="s2"))
+        await connected.nothing(0.5)  # nothing took effect yet, so nothing is receipted
+        await connected.send(frame("COMMIT", transaction="t", receipt="c"))
+        receipts, bodies = [], []
+        while len(receipts) < 4 or len(bodies) < 2:
+            f = await connected.receive()
+            if f.command == "RECEIPT":
+                receipts.append(f.get("receipt-id"))
+            else:
+                assert f.command == "MESSAGE", f
+                bodies.append(f.body)
+                await connected.send(frame("ACK", id=f.get("ack") or ""))
+        assert sorted(receipts[:3]) == ["a1", "s1", "s2"] and receipts.index("s1") < receipts.index("s2")
+        assert receipts[3] == "c"  # COMMIT's RECEIPT last: everything before it is confirmed
+        assert bodies == [b"one", b"two"]
+        await backdoor.delete_queue(f"txr-{unique}")
+
+    async def test_an_aborted_transactions_sends_get_no_receipt(self, connected: StompClient, unique: str) -> None:
+        queue = f"/queue/txa-{unique}"
+        await connected.send(frame("BEGIN", transaction="t"))
+        await connected.send(frame("SEND", "x", destination=queue, transaction="t", receipt="s"))
+        await connected.send(frame("ABORT", transaction="t", receipt="a"))
+        assert (await connected.receive_command("RECEIPT")).get("receipt-id") == "a"
+        await connected.nothing(0.5)
+
     async def test_commit_of_unknown_transaction(self, connected: StompClient) -> None:
         await connected.send(frame("COMMIT", transaction="nope"))
         error = await connected.receive_command("ERROR")

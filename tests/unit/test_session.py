@@ -1170,19 +1170,26 @@ class TestTransactions:
         assert "transaction" not in publish.properties.headers
         assert session.transactions == {}
 
-    def test_receipts(self) -> None:
+    def test_receipts_of_the_transactions_frames_come_with_the_commit(self) -> None:
         session, _, message_id = transaction_session()
         assert session.receive_frame(make("BEGIN", {"transaction": "t", "receipt": "b"})) == [
             SendFrame(receipt("b"))
         ]
         send_frame = make("SEND", {"destination": "/queue/q", "transaction": "t", "receipt": "s"})
-        assert session.receive_frame(send_frame) == [SendFrame(receipt("s"))]
-        assert session.receive_frame(
-            make("NACK", {"id": message_id, "transaction": "t", "receipt": "n"})
-        ) == [SendFrame(receipt("n"))]
-        committed = session.receive_frame(make("COMMIT", {"transaction": "t"}))
-        assert [type(action) for action in committed] == [Publish, Ack]
-        assert all(action.receipt is None for action in committed if isinstance(action, Publish | Ack))
+        assert session.receive_frame(send_frame) == []
+        assert session.receive_frame(make("NACK", {"id": message_id, "transaction": "t", "receipt": "n"})) == []
+        committed = session.receive_frame(make("COMMIT", {"transaction": "t", "receipt": "c"}))
+        assert [type(action) for action in committed] == [Publish, Ack, Barrier]
+        publish, ack, barrier = committed
+        assert isinstance(publish, Publish) and publish.receipt == receipt("s")  # sent after its confirm
+        assert isinstance(ack, Ack) and ack.receipt == receipt("n")
+        assert barrier == Barrier(receipt("c"))  # and COMMIT's after all of them
+
+    def test_an_aborted_transactions_frames_get_no_receipt(self) -> None:
+        session, _, message_id = transaction_session()
+        session.receive_frame(make("BEGIN", {"transaction": "t"}))
+        assert session.receive_frame(make("SEND", {"destination": "/queue/q", "transaction": "t", "receipt": "s"})) == []
+        assert session.receive_frame(make("ABORT", {"transaction": "t"})) == []
 
     def test_abort_drops_the_frames(self) -> None:
         session, sub, message_id = transaction_session()
