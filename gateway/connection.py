@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import collections
 import contextlib
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from gateway.broker.base import Broker, BrokerError, Channel, ChannelClosed, Delivery, PublishNacked
@@ -35,7 +37,7 @@ from gateway.stomp.session import (
     Unsubscribe,
 )
 
-__all__ = ["ConnectionSettings", "StompConnection", "Transport"]
+__all__ = ["Backlog", "ConnectionSettings", "StompConnection", "Transport"]
 
 #: Frames handled from one read before the reader lets other connections run.
 YIELD_EVERY = 64
@@ -66,6 +68,12 @@ class Transport(abc.ABC):
     def buffered(self) -> int:
         """Bytes written but not yet handed to the kernel."""
 
+    @property
+    def backlog(self) -> int:
+        """What waits behind the write the kernel is taking now: the measure of a slow client, so that one
+        message larger than the bound (up to the frame-size limit) is delivered, not taken for slowness."""
+        return self.buffered
+
     @abc.abstractmethod
     async def drain(self) -> None:
         """Wait until everything written so far has been handed to the kernel."""
@@ -77,6 +85,35 @@ class Transport(abc.ABC):
     @abc.abstractmethod
     def abort(self) -> None:
         """Drop the connection now."""
+
+
+class Backlog:
+    """Where each write to an OS transport ended, so that a transport can tell what waits behind the write
+    the kernel is taking now (:attr:`Transport.backlog`). ``buffered`` reads the OS transport's buffer size."""
+
+    __slots__ = ("buffered", "ends", "written")
+
+    #: ends kept before the consumed ones are dropped (bounds the memory of a client that is slow for long)
+    TRIM_AT = 64
+
+    def __init__(self, buffered: Callable[[], int]) -> None:
+        self.buffered = buffered
+        self.written = 0
+        self.ends: collections.deque[int] = collections.deque()
+
+    def wrote(self, size: int) -> None:
+        self.written += size
+        self.ends.append(self.written)
+        if len(self.ends) > self.TRIM_AT:
+            self.behind_head()
+
+    def behind_head(self) -> int:
+        """Bytes of the writes after the oldest one still (partly) in the buffer."""
+        taken = self.written - self.buffered()
+        ends = self.ends
+        while ends and ends[0] <= taken:
+            ends.popleft()
+        return self.written - ends[0] if ends else 0
 
 
 class ConnectionSettings:
@@ -222,7 +259,8 @@ class StompConnection:
             return
         self.transport.write(data, text)
         self.last_sent = self.loop.time()
-        if self.transport.buffered > self.settings.max_outbound_buffer:
+        limit = self.settings.max_outbound_buffer
+        if self.transport.buffered > limit and self.transport.backlog > limit:
             self._slow_client()
 
     def _slow_client(self) -> None:
@@ -231,7 +269,8 @@ class StompConnection:
         limit = self.settings.max_outbound_buffer
         error = ProtocolError(
             "Slow consumer",
-            f"The client fell more than {limit} bytes behind (setting --max-outbound-buffer); "
+            f"The client fell more than {limit} bytes behind the message it is receiving (setting "
+            "--max-outbound-buffer); "
             "unacknowledged messages go back to their queues.\n",
         )
         logger.warning(
@@ -419,7 +458,7 @@ class StompConnection:
                 return
             transport.write_message(template, version, sub_id)
             self.last_sent = loop.time()
-            if transport.buffered > limit:
+            if transport.buffered > limit and transport.backlog > limit:
                 self._slow_client()
 
         def on_error(error: BrokerError) -> None:

@@ -7,7 +7,7 @@ import contextlib
 import ssl
 from typing import Any
 
-from gateway.connection import StompConnection, Transport
+from gateway.connection import Backlog, StompConnection, Transport
 
 __all__ = ["TcpTransport", "serve_tcp"]
 
@@ -15,14 +15,16 @@ READ_SIZE = 64 * 1024
 
 
 class TcpTransport(Transport):
-    __slots__ = ("writer",)
+    __slots__ = ("_backlog", "writer")
 
     def __init__(self, writer: asyncio.StreamWriter) -> None:
         self.writer = writer
+        self._backlog = Backlog(writer.transport.get_write_buffer_size)
 
     def write(self, data: bytes, text: bool) -> None:
         if not self.writer.is_closing():
             self.writer.write(data)
+            self._backlog.wrote(len(data))
 
     def write_heartbeat(self) -> None:
         self.write(b"\n", True)
@@ -30,6 +32,10 @@ class TcpTransport(Transport):
     @property
     def buffered(self) -> int:
         return self.writer.transport.get_write_buffer_size()
+
+    @property
+    def backlog(self) -> int:
+        return self._backlog.behind_head()
 
     async def drain(self) -> None:
         if not self.writer.is_closing():

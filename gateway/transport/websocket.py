@@ -22,7 +22,7 @@ from websockets.http11 import Request, Response
 from websockets.protocol import State
 from websockets.typing import Subprotocol
 
-from gateway.connection import StompConnection, Transport
+from gateway.connection import Backlog, StompConnection, Transport
 from gateway.stomp.session import MessageTemplate
 from gateway.transport.http import HttpResponder
 
@@ -100,12 +100,13 @@ class WebSocketTransport(Transport):
     compresses through websockets itself, one message at a time.
     """
 
-    __slots__ = ("_loop", "_pending", "max_message_size", "raw", "ws")
+    __slots__ = ("_backlog", "_loop", "_pending", "max_message_size", "raw", "ws")
 
     def __init__(self, ws: ServerConnection, max_unauthenticated: int, max_message_size: int) -> None:
         self.ws = ws
         self.raw = not ws.protocol.extensions
         self._loop = asyncio.get_running_loop()
+        self._backlog = Backlog(self._buffer_size)
         #: None: nothing written in this pass of the loop; _WROTE: one frame written, none waiting
         self._pending: list[bytes] | None = None
         # A WebSocket message may hold one frame plus 4 KiB of slack (as Web-STOMP), with a smaller cap
@@ -127,6 +128,7 @@ class WebSocketTransport(Transport):
             transport = self.ws.transport
             if transport is not None:
                 transport.write(wire)
+                self._backlog.wrote(len(wire))
         elif pending is _WROTE:
             self._pending = [wire]
         else:
@@ -137,7 +139,9 @@ class WebSocketTransport(Transport):
         ws = self.ws
         if not pending or ws.protocol.state is not State.OPEN or ws.transport is None:
             return
-        ws.transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
+        data = pending[0] if len(pending) == 1 else b"".join(pending)
+        ws.transport.write(data)
+        self._backlog.wrote(len(data))
 
     def write(self, data: bytes, text: bool) -> None:
         ws = self.ws
@@ -146,11 +150,14 @@ class WebSocketTransport(Transport):
         if self.raw:
             self._queue(websocket_frame(data, text))
             return
+        before = self._buffer_size()
         if text:
             ws.protocol.send_text(data)
         else:
             ws.protocol.send_binary(data)
         ws.send_data()
+        # Compressed, the size is known only from the buffer: what the kernel did not take at once.
+        self._backlog.wrote(self._buffer_size() - before)
 
     def write_message(self, template: MessageTemplate, version: str, subscription: str | None) -> None:
         if not self.raw:
@@ -170,8 +177,15 @@ class WebSocketTransport(Transport):
     @property
     def buffered(self) -> int:
         """What the kernel has not taken yet; this pass's batch (flushed right after it) does not count."""
+        return self._buffer_size()
+
+    def _buffer_size(self) -> int:
         transport = self.ws.transport
         return transport.get_write_buffer_size() if transport is not None else 0
+
+    @property
+    def backlog(self) -> int:
+        return self._backlog.behind_head()
 
     async def drain(self) -> None:
         self._flush()

@@ -157,3 +157,41 @@ class TestTcpTransport:
         error = await c.receive_command("ERROR")
         assert error.get("message") == "Bad command"
         await c.wait_closed()
+
+
+class TestLargeMessages:
+    """--max-outbound-buffer bounds what waits behind the message being written: one message larger than the
+    bound (up to the frame-size limit) is delivered to a client that reads, not taken for slowness."""
+
+    @pytest.mark.parametrize(
+        "gateway_overrides", [{"max_outbound_buffer": 64 * 1024, "max_frame_size": 8 * 1024 * 1024}]
+    )
+    @pytest.mark.parametrize("transport", ["ws", "tcp"])
+    async def test_messages_larger_than_the_bound_reach_two_subscribers(
+        self, gateway: Gateway, ws_url: str, unique: str, transport: str
+    ) -> None:
+        async def subscriber() -> StompClient:
+            if transport == "ws":
+                c = await open_ws(ws_url, max_size=None)  # the client's own 1 MiB default would refuse them
+            else:
+                assert gateway.tcp_port is not None
+                c = await open_tcp("127.0.0.1", gateway.tcp_port)
+            await c.connect()
+            await c.send(frame("SUBSCRIBE", destination=f"/topic/big-{unique}", id="1", receipt="r"))
+            await c.receipt("r")
+            return c
+
+        subscribers = [await subscriber(), await subscriber()]
+        publisher = await open_ws(ws_url)
+        await publisher.connect()
+        bodies = [bytes([65 + n]) * (6 * 1024 * 1024) for n in range(2)]
+        try:
+            for body in bodies:
+                await publisher.send(frame("SEND", body, destination=f"/topic/big-{unique}", receipt="s"))
+                await publisher.receipt("s", timeout=20)
+                for c in subscribers:
+                    message = await c.receive_command("MESSAGE", timeout=20)
+                    assert message.body == body
+        finally:
+            for c in [*subscribers, publisher]:
+                await c.close()
