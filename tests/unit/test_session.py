@@ -1186,7 +1186,7 @@ class TestTransactions:
         assert barrier == Barrier(receipt("c"))  # and COMMIT's after all of them
 
     def test_an_aborted_transactions_frames_get_no_receipt(self) -> None:
-        session, _, message_id = transaction_session()
+        session, _, _ = transaction_session()
         session.receive_frame(make("BEGIN", {"transaction": "t"}))
         assert session.receive_frame(make("SEND", {"destination": "/queue/q", "transaction": "t", "receipt": "s"})) == []
         assert session.receive_frame(make("ABORT", {"transaction": "t"})) == []
