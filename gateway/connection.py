@@ -39,8 +39,8 @@ from gateway.stomp.session import (
 
 __all__ = ["Backlog", "ConnectionSettings", "StompConnection", "Transport"]
 
-#: Frames handled from one read before the reader lets other connections run.
-YIELD_EVERY = 64
+#: Frames parsed and handled from one read before the reader lets other connections run.
+YIELD_EVERY = 32
 
 logger = logging.getLogger(__name__)
 
@@ -183,21 +183,30 @@ class StompConnection:
             return
         self.last_received = self.loop.time()
         try:
-            frames = self.parser.receive_data(data)
+            frames = self.parser.receive_data(data, YIELD_EVERY)
         except ProtocolError as error:
             await self._run(self.session.fail(error))
             return
         self._receiving = True  # the client is not silent while its frames wait for the broker
         try:
-            for count, frame in enumerate(frames, 1):
-                if self._closing:
+            while frames:
+                for frame in frames:
+                    if self._closing:
+                        return
+                    if self.debug:
+                        logger.debug("%s > %s %s", self.peer, frame.command, frame.headers)
+                    await self._run(self.session.receive_frame(frame))
+                if self.parser.error is not None or self._closing:
+                    break
+                # One client's burst (thousands of frames in one message) is parsed and handled a slice
+                # at a time, and other connections run in between.
+                await asyncio.sleep(0)
+                try:
+                    frames = self.parser.receive_data(b"", YIELD_EVERY)
+                except ProtocolError as error:
+                    await self._run(self.session.fail(error))
                     return
-                if self.debug:
-                    logger.debug("%s > %s %s", self.peer, frame.command, frame.headers)
-                await self._run(self.session.receive_frame(frame))
-                if count % YIELD_EVERY == 0:
-                    await asyncio.sleep(0)  # one client's big batch must not hold the event loop
-            if self.parser.error is not None and not self._closing:  # after the good frames of this chunk
+            if self.parser.error is not None and not self._closing:  # after the good frames before it
                 await self._run(self.session.fail(self.parser.error))
         except Exception:
             logger.exception("session %s failed", self.session.id)

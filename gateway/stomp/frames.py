@@ -298,8 +298,13 @@ class FrameParser:
             return self.limits.max_frame_size
         return self.limits.max_frame_size_unauthenticated
 
-    def receive_data(self, data: bytes) -> list[Frame]:
+    def receive_data(self, data: bytes, max_frames: int = 0) -> list[Frame]:
         """Feed the next chunk (possibly empty); return the frames completed by it, in order.
+
+        With ``max_frames`` (> 0) at most that many frames are parsed and returned; the rest of the input
+        stays buffered, and ``receive_data(b"", max_frames)`` parses the next ones (it returns ``[]`` once no
+        complete frame is left). A caller handling one client's burst can so let other work run between
+        slices instead of parsing the whole burst at once.
 
         Raises :class:`ProtocolError` for malformed input or an exceeded limit; the parser is then dead
         and every later call raises the same error again. When the chunk completed frames before the
@@ -311,7 +316,7 @@ class FrameParser:
             raise ProtocolError(error.message, error.detail, headers=error.headers)
         self._completed = []
         try:
-            return self._receive(data if type(data) is bytes else bytes(data))
+            return self._receive(data if type(data) is bytes else bytes(data), max_frames)
         except ProtocolError as exc:
             self._fail(exc)
             if self._completed:
@@ -337,7 +342,7 @@ class FrameParser:
         when = "" if self.authenticated else " before CONNECT succeeded"
         return ProtocolError("Frame too large", f"Frame exceeds the {limit}-byte limit{when}")
 
-    def _receive(self, data: bytes) -> list[Frame]:
+    def _receive(self, data: bytes, max_frames: int) -> list[Frame]:
         # Parse straight from ``data`` when nothing is pending (no copy); else append to the buffer.
         buf: bytes | bytearray
         if self._buffer:
@@ -396,6 +401,8 @@ class FrameParser:
             self._head = None
             if (command == "CONNECT" or command == "STOMP") and not self.authenticated:
                 break  # let the session switch version/limits first; see the class docstring
+            if len(frames) == max_frames:
+                break
         if pos:
             self._keep(buf, pos, end)
         elif buf is data and end:

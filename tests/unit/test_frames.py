@@ -916,3 +916,23 @@ class TestProperties:
         whole = outcome([data])
         assert outcome(chunked(data, cuts)) == whole
         assert outcome([data[i : i + 1] for i in range(len(data))]) == whole
+
+
+class TestSlices:
+    """``max_frames``: a burst is parsed a slice at a time, the rest stays buffered."""
+
+    def test_slices_then_the_rest(self) -> None:
+        parser = make_parser("1.2")
+        data = b"".join(f"SEND\nn:{i}\n\n\x00".encode() for i in range(5)) + b"SEND\n"
+        slices = [parser.receive_data(data, 2)]
+        while slices[-1]:
+            slices.append(parser.receive_data(b"", 2))
+        assert [[f.get("n") for f in s] for s in slices] == [["0", "1"], ["2", "3"], ["4"], []]
+        assert parser.receive_data(b"\n\x00", 2) == [Frame("SEND")]  # the partial frame was kept
+
+    def test_bad_input_after_a_slice_comes_with_the_slice_that_reaches_it(self) -> None:
+        parser = make_parser("1.2")
+        data = b"SEND\n\n\x00SEND\n\n\x00SEND\n\n\x00BAD FRAME\n\n\x00"
+        assert len(parser.receive_data(data, 2)) == 2 and parser.error is None
+        assert len(parser.receive_data(b"", 2)) == 1
+        assert parser.error is not None and parser.error.message == "Invalid frame"
