@@ -41,6 +41,8 @@ __all__ = ["Backlog", "ConnectionSettings", "StompConnection", "Transport"]
 
 #: Frames parsed and handled from one read before the reader lets other connections run.
 YIELD_EVERY = 32
+#: SUBSCRIBEs of one session whose broker work runs at the same time (their RECEIPTs stay in order).
+MAX_SUBSCRIBES_IN_FLIGHT = 64
 
 logger = logging.getLogger(__name__)
 
@@ -166,6 +168,10 @@ class StompConnection:
         self._receiving = False
         self._confirming = False
         self._temp_queues: dict[str, str] = {}
+        self._subscribing: set[asyncio.Future[None]] = set()
+        self._last_subscribe: asyncio.Future[None] | None = None
+        self._own_subscribe_lock = asyncio.Lock()
+        self._own_channel_lock = asyncio.Lock()
         self._pending: set[asyncio.Future[None]] = set()
         self._background: set[asyncio.Future[Any]] = set()
         self._login_task = asyncio.create_task(self._login_timer(), name=f"stomp-login-{peer}")
@@ -226,14 +232,22 @@ class StompConnection:
 
     # -- processing -------------------------------------------------------------------------------------
 
-    async def _run(self, actions: list[Action]) -> None:
+    async def _run(self, actions: list[Action], *, in_order: bool = True) -> None:
+        """Run ``actions``. SUBSCRIBEs start at once and overlap (their broker round trips are most of their
+        cost); any other action first waits until those before it are done and receipted, so the client
+        sees everything in the order it asked (``in_order=False`` only from a SUBSCRIBE's own task)."""
         for action in actions:
+            if isinstance(action, Subscribe):
+                await self._start_subscribe(action)
+                continue
+            if in_order and self._subscribing:
+                await self._subscribes_done()
+                if self._closing:
+                    return
             if isinstance(action, SendFrame):
                 self.send_frame(action.frame)
             elif isinstance(action, Publish):
                 await self._publish(action)
-            elif isinstance(action, Subscribe):
-                await self._subscribe(action)
             elif isinstance(action, Ack):
                 self._ack(action)
             elif isinstance(action, Unsubscribe):
@@ -249,8 +263,8 @@ class StompConnection:
             if self._closing:
                 return
 
-    async def _fail(self, error: BrokerError, receipt: Frame | None = None) -> None:
-        await self._run(self.session.broker_failed(error, receipt))
+    async def _fail(self, error: BrokerError, receipt: Frame | None = None, *, in_order: bool = True) -> None:
+        await self._run(self.session.broker_failed(error, receipt), in_order=in_order)
 
     # -- output -----------------------------------------------------------------------------------------
 
@@ -359,17 +373,20 @@ class StompConnection:
             await self._run(self.session.receive_frame(frame))
 
     async def _own_channel(self) -> Channel:
-        if self._channel is None or not self._channel.is_open:
-            channel = await self.broker.open_channel(self._principal, self.session.id)
-            if self._closing:  # the session ended while the channel was opening
-                await channel.close()
-                raise ChannelClosed("session closed")
-            self._channel = channel
-            self._channel.on_close = self._channel_closed
-            self._declared.clear()
-            self._temp_queues.clear()
-            self._confirming = False
-        return self._channel
+        if self._channel is not None and self._channel.is_open:
+            return self._channel
+        async with self._own_channel_lock:
+            if self._channel is None or not self._channel.is_open:
+                channel = await self.broker.open_channel(self._principal, self.session.id)
+                if self._closing:  # the session ended while the channel was opening
+                    await channel.close()
+                    raise ChannelClosed("session closed")
+                self._channel = channel
+                self._channel.on_close = self._channel_closed
+                self._declared.clear()
+                self._temp_queues.clear()
+                self._confirming = False
+            return self._channel
 
     def _channel_closed(self, error: BrokerError) -> None:
         if not self._closing:
@@ -476,52 +493,83 @@ class StompConnection:
 
         return Sink(on_message, on_error)
 
-    async def _subscribe(self, action: Subscribe) -> None:
-        subscription = action.subscription
-        plan = subscription.plan
-        deliverer: _Deliverer | None = None
-        try:
-            if subscription.shared and plan.exchange is not None:
-                sink = self._shared_deliverer(subscription)
-                await self.registry.hub_for(self._principal).attach(plan.exchange, plan.binding_key, sink)
-                subscription.handle = sink
-                if self._closing or subscription.key not in self.session.subscriptions:
-                    await self.registry.hub_for(self._principal).detach(sink)
-                    return
-            else:
-                channel = await self._own_channel()
-                queue = plan.queue
-                declaration = plan.declaration
-                if declaration is not None:
-                    queue = await channel.declare_queue(
-                        declaration.name,
-                        durable=declaration.durable,
-                        exclusive=declaration.exclusive,
-                        auto_delete=declaration.auto_delete,
-                        arguments=declaration.arguments,
-                    )
-                    if declaration.exclusive:
-                        # AMQP ties exclusive queues to the (shared) connection: delete it when the
-                        # session ends, or now if the bind or consume fails (as RabbitMQ's plugin does).
-                        self._exclusive_queues.add(queue)
-                if plan.exchange is not None:
-                    await channel.bind_queue(queue, plan.exchange, plan.binding_key)
-                deliverer = _Deliverer(self, subscription)
-                subscription.handle = await channel.consume(
-                    queue,
-                    deliverer,
-                    no_ack=subscription.ack == "auto",
-                    prefetch_count=subscription.prefetch_count,
-                    consumer_tag=subscription.consumer_tag,
-                    arguments=subscription.consumer_arguments,
-                )
-        except BrokerError as error:
-            await self._fail(error, action.receipt)
+    async def _start_subscribe(self, action: Subscribe) -> None:
+        """Start a SUBSCRIBE's broker work now; its RECEIPT follows the RECEIPTs before it."""
+        if len(self._subscribing) >= MAX_SUBSCRIBES_IN_FLIGHT:
+            await asyncio.wait(self._subscribing, return_when=asyncio.FIRST_COMPLETED)
+        if self._closing:
             return
+        task = asyncio.ensure_future(self._subscribe(action, self._last_subscribe))
+        self._last_subscribe = task
+        self._subscribing.add(task)
+        task.add_done_callback(self._subscribing.discard)
+
+    async def _subscribes_done(self) -> None:
+        while self._subscribing:
+            await asyncio.wait(list(self._subscribing))
+
+    async def _subscribe(self, action: Subscribe, previous: asyncio.Future[None] | None) -> None:
+        subscription = action.subscription
+        deliverer: _Deliverer | None = None
+        failure: BrokerError | None = None
+        try:
+            await self._attach(subscription)
+        except BrokerError as error:
+            failure = error
+        if previous is not None and not previous.done():
+            await asyncio.wait([previous])  # the RECEIPTs go out in the order of the SUBSCRIBEs
+        if self._closing:
+            return
+        if failure is not None:
+            await self._fail(failure, action.receipt, in_order=False)
+            return
+        if isinstance(subscription.handle, _Attached):
+            deliverer = subscription.handle.deliverer
+            subscription.handle = subscription.handle.consumer_tag
         if action.receipt is not None:
             self.send_frame(action.receipt)
         if deliverer is not None:
             deliverer.start()  # messages that raced the receipt go out after it
+
+    async def _attach(self, subscription: Subscription) -> None:
+        """The broker side of a subscription: a shared fan-out group, or a consumer on the session's own
+        channel (one at a time: the channel's prefetch setting applies to the next consumer)."""
+        plan = subscription.plan
+        if subscription.shared and plan.exchange is not None:
+            sink = self._shared_deliverer(subscription)
+            await self.registry.hub_for(self._principal).attach(plan.exchange, plan.binding_key, sink)
+            subscription.handle = sink
+            if self._closing or subscription.key not in self.session.subscriptions:
+                await self.registry.hub_for(self._principal).detach(sink)
+            return
+        async with self._own_subscribe_lock:
+            channel = await self._own_channel()
+            queue = plan.queue
+            declaration = plan.declaration
+            if declaration is not None:
+                queue = await channel.declare_queue(
+                    declaration.name,
+                    durable=declaration.durable,
+                    exclusive=declaration.exclusive,
+                    auto_delete=declaration.auto_delete,
+                    arguments=declaration.arguments,
+                )
+                if declaration.exclusive:
+                    # AMQP ties exclusive queues to the (shared) connection: delete it when the
+                    # session ends, or now if the bind or consume fails (as RabbitMQ's plugin does).
+                    self._exclusive_queues.add(queue)
+            if plan.exchange is not None:
+                await channel.bind_queue(queue, plan.exchange, plan.binding_key)
+            deliverer = _Deliverer(self, subscription)
+            tag = await channel.consume(
+                queue,
+                deliverer,
+                no_ack=subscription.ack == "auto",
+                prefetch_count=subscription.prefetch_count,
+                consumer_tag=subscription.consumer_tag,
+                arguments=subscription.consumer_arguments,
+            )
+            subscription.handle = _Attached(tag, deliverer)
 
     async def _unsubscribe(self, action: Unsubscribe) -> None:
         subscription = action.subscription
@@ -624,6 +672,16 @@ class StompConnection:
             logger.warning("%s: could not delete exclusive queue: %s", self.peer, error)
         finally:
             await channel.close()
+
+
+class _Attached:
+    """A consumer of the session's own channel whose SUBSCRIBE is not receipted yet."""
+
+    __slots__ = ("consumer_tag", "deliverer")
+
+    def __init__(self, consumer_tag: str, deliverer: _Deliverer) -> None:
+        self.consumer_tag = consumer_tag
+        self.deliverer = deliverer
 
 
 class _Deliverer:

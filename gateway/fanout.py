@@ -2,7 +2,7 @@
 
 Non-durable, unnamed ``/topic`` and ``/exchange`` subscriptions with ``ack:auto`` carry no per-session
 broker state, so sessions that share a broker connection (a :class:`FanoutHub` per
-``Broker.shared_key``) also share one exclusive auto-delete queue per binding. Each delivery becomes one
+``Broker.shared_key``) also share one auto-delete queue per binding. Each delivery becomes one
 :class:`~gateway.stomp.session.MessageTemplate`, serialized once; every subscribed session only prepends
 its ``subscription`` header.
 """
@@ -24,6 +24,9 @@ from gateway.stomp.session import MessageTemplate
 __all__ = ["FanoutHub", "FanoutRegistry", "Sink"]
 
 logger = logging.getLogger(__name__)
+
+#: A shared queue nobody consumes (its consumer never started) is deleted by the broker after this long.
+QUEUE_EXPIRES_MS = 60_000
 
 
 class Sink:
@@ -100,14 +103,19 @@ class FanoutHub:
                 sink.on_error(error)
             group.sinks.clear()
 
-    async def _probe(self, exchange: str, binding_key: str) -> None:
-        """Try the binding on a throwaway channel first: a missing exchange (404) or a refused topic
-        permission (403) closes that channel, not the shared one every sink of this hub depends on."""
+    async def _declare_and_bind(self, group: _Group) -> None:
+        """Declare the group's queue and bind it on a throwaway channel: a missing exchange (404) or a
+        refused topic permission (403) closes that channel, not the shared one every sink of this hub
+        depends on. The queue is not exclusive (the throwaway channel may be on another connection of the
+        pool); it is auto-delete, so it goes with its consumer, and expires if no consumer ever comes."""
         channel = await self.broker.open_channel(self.principal)
         try:
-            queue = await channel.declare_queue("", exclusive=True, auto_delete=True)
-            await channel.bind_queue(queue, exchange, binding_key)
-            await channel.delete_queue(queue)
+            group.queue = await channel.declare_queue(
+                f"stomp-fanout-{self.id}-{next(self.counter)}-{secrets.token_hex(4)}",
+                auto_delete=True,
+                arguments={"x-expires": QUEUE_EXPIRES_MS},
+            )
+            await channel.bind_queue(group.queue, group.exchange, group.binding_key)
         finally:
             await channel.close()
 
@@ -140,10 +148,8 @@ class FanoutHub:
         sink.group = group
 
     async def _create(self, group: _Group) -> None:
-        await self._probe(group.exchange, group.binding_key)
+        await self._declare_and_bind(group)
         channel = await self._consumer_channel()
-        group.queue = await channel.declare_queue("", exclusive=True, auto_delete=True)
-        await channel.bind_queue(group.queue, group.exchange, group.binding_key)
         group.consumer_tag = await channel.consume(group.queue, group.deliver, no_ack=True)
 
     async def detach(self, sink: Sink) -> None:

@@ -20,7 +20,7 @@ from tests.conftest import AMQP_URL, rabbitmq_running
 pytestmark = pytest.mark.skipif(not rabbitmq_running(), reason="RabbitMQ is not running on 127.0.0.1:5672")
 
 
-def test_the_frame_receiver_the_adapter_replaces() -> None:
+async def test_the_frame_receiver_the_adapter_replaces() -> None:
     receiver = aiormq.connection.FrameReceiver
     # _BufferedFrameReceiver subclasses it: constructed with the stream reader, read by get_frame() and
     # async iteration; it uses the reader and the started flag of the base class.
