@@ -78,6 +78,7 @@ class Gateway:
             "stomp_gateway_broker_up", "1 while the broker is reachable", registry=self.metrics
         ).set_function(lambda: 1.0 if self.broker.is_available else 0.0)
         self._servers: list[Any] = []
+        self._draining = False
         self._daemon_task: asyncio.Task[None] | None = None
         self._daemon_stop = asyncio.Event()
         self.port: int | None = None
@@ -107,9 +108,7 @@ class Gateway:
         from gateway.transport.websocket import serve_websocket
 
         await self.broker.start()
-        http = HttpResponder(
-            self._web_root(), lambda: self.broker.is_available, lambda: generate_latest(self.metrics)
-        )
+        http = HttpResponder(self._web_root(), self.not_ready, lambda: generate_latest(self.metrics))
         ws_server = await serve_websocket(self, http)
         self._servers.append(ws_server)
         self.port = ws_server.sockets[0].getsockname()[1]
@@ -128,7 +127,16 @@ class Gateway:
         )
         await run_daemon(self.broker, principal, DaemonConfig.from_env(), stop=self._daemon_stop)
 
+    def not_ready(self) -> str | None:
+        """Why the gateway should not take new clients now (``/readyz``), or None."""
+        if self._draining:
+            return "shutting down"
+        if not self.broker.is_available:
+            return "the message broker is unreachable"
+        return None
+
     async def stop(self) -> None:
+        self._draining = True
         self._daemon_stop.set()
         if self._daemon_task is not None:
             with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError, Exception):

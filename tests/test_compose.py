@@ -239,7 +239,7 @@ def test_gateway_commands_use_only_real_flags_and_listen_on_all_interfaces(
 def test_gateway_healthcheck_probes_the_gateway_port(services: dict[str, dict[str, Any]]) -> None:
     test = (services["gateway"].get("healthcheck") or {}).get("test") or []
     text = test if isinstance(test, str) else " ".join(test)
-    assert f"127.0.0.1:{GATEWAY_PORT}/healthz" in text, test
+    assert f"127.0.0.1:{GATEWAY_PORT}/readyz" in text, test
 
 
 def test_stock_daemon_commands_use_only_real_flags(services: dict[str, dict[str, Any]]) -> None:

@@ -2,7 +2,7 @@
 
 Sessions of the same user, passcode and vhost share AMQP connections (at most
 ``sessions_per_connection`` channels each); every session gets its own channel, so one session's broker
-error closes that channel only. A *monitor* connection made with the configured URL tells ``/healthz``
+error closes that channel only. A *monitor* connection made with the configured URL tells ``/readyz``
 whether RabbitMQ is reachable and reconnects with back-off while it is not.
 
 Credentials are never trusted from a pool alone: the pool key includes a salted hash of the passcode, so a
@@ -925,25 +925,38 @@ class AmqpBroker(Broker):
         self._monitor = await self._connect(self.url)
         self._monitor_task = asyncio.create_task(self._watch(), name="amqp-monitor")
 
+    #: Longest wait between two reconnect attempts: readiness follows RabbitMQ's return within about this.
+    MAX_RECONNECT_DELAY = 1.0
+
     async def _watch(self) -> None:
-        """Keep the monitor connection up, reconnecting with back-off (0.5 s doubling to 30 s)."""
-        delay = 0.5
+        """Keep the monitor connection up, reconnecting with back-off (0.25 s doubling to
+        :attr:`MAX_RECONNECT_DELAY`)."""
+        delay = 0.25
+        down_since: float | None = None
+        last_report = 0.0
+        loop = asyncio.get_running_loop()
         while not self._closing:
             if _alive(self._monitor):
-                delay = 0.5
-                await asyncio.sleep(0.5)
+                delay = 0.25
+                await asyncio.sleep(0.25)
                 continue
-            logger.warning("RabbitMQ connection lost; reconnecting in %.1f s", delay)
+            if down_since is None:
+                down_since = last_report = loop.time()
+                logger.warning("RabbitMQ connection lost; reconnecting every %.1f s at most", self.MAX_RECONNECT_DELAY)
+            lost_at = down_since
             await asyncio.sleep(delay)
             try:
                 if self._monitor is not None:
                     with contextlib.suppress(Exception):
                         await asyncio.wait_for(self._monitor.close(), 1)
                 self._monitor = await self._connect(self.url)
-                logger.info("RabbitMQ connection restored")
+                logger.warning("RabbitMQ connection restored after %.1f s", loop.time() - lost_at)
+                down_since = None
             except BrokerError as exc:
-                logger.warning("%s", exc.text)
-                delay = min(delay * 2, 30.0)
+                if loop.time() - last_report >= 30:  # one line a while, not one per attempt
+                    last_report = loop.time()
+                    logger.warning("RabbitMQ still unreachable after %.0f s: %s", last_report - lost_at, exc.text)
+                delay = min(delay * 2, self.MAX_RECONNECT_DELAY)
 
     def _key(self, login: str, passcode: str, vhost: str) -> tuple[str, str, str]:
         digest = hashlib.sha256(self._salt + passcode.encode()).hexdigest()

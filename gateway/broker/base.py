@@ -276,7 +276,7 @@ class Broker(abc.ABC):
     @property
     @abc.abstractmethod
     def is_available(self) -> bool:
-        """True while the broker can be reached (``/healthz`` answers 200 then)."""
+        """True while the broker can be reached (``/readyz`` answers 200 then)."""
 
     @abc.abstractmethod
     async def start(self) -> None:

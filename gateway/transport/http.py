@@ -1,4 +1,4 @@
-"""Plain HTTP on the WebSocket port: the ticker page, ``/healthz`` and ``/metrics``.
+"""Plain HTTP on the WebSocket port: the ticker page, ``/healthz``, ``/readyz`` and ``/metrics``.
 
 Only GET and HEAD of a few known things; one request per connection (websockets closes after a non-101
 response). Every response carries ``X-Content-Type-Options: nosniff``; pages also ``X-Frame-Options: DENY``
@@ -61,22 +61,34 @@ def _response(
 
 
 class HttpResponder:
-    """Answers non-WebSocket requests. ``healthy`` tells whether the broker is reachable."""
+    """Answers non-WebSocket requests.
+
+    ``/healthz`` is liveness: 200 whenever the process answers at all (an orchestrator restarts a gateway
+    that stops answering, never one that waits for its broker). ``/readyz`` is readiness: 200 while
+    ``ready()`` gives no reason not to take clients (the broker is reachable, the gateway is not shutting
+    down), else 503 with that reason.
+    """
 
     def __init__(
-        self, web_root: Path | None, healthy: Callable[[], bool], metrics: Callable[[], bytes] | None = None
+        self,
+        web_root: Path | None,
+        ready: Callable[[], str | None],
+        metrics: Callable[[], bytes] | None = None,
     ):
         self.web_root = web_root.resolve() if web_root is not None else None
-        self.healthy = healthy
+        self.ready = ready
         self.metrics = metrics
 
     def respond(self, request: Request) -> Response:
         path = request.path.split("?", 1)[0]
         if path == "/healthz":
-            if self.healthy():
-                return _response(http.HTTPStatus.OK, b"OK\n", "text/plain; charset=utf-8")
+            return _response(http.HTTPStatus.OK, b"OK\n", "text/plain; charset=utf-8")
+        if path == "/readyz":
+            reason = self.ready()
+            if reason is None:
+                return _response(http.HTTPStatus.OK, b"ready\n", "text/plain; charset=utf-8")
             return _response(
-                http.HTTPStatus.SERVICE_UNAVAILABLE, b"broker unavailable\n", "text/plain; charset=utf-8"
+                http.HTTPStatus.SERVICE_UNAVAILABLE, f"not ready: {reason}\n".encode(), "text/plain; charset=utf-8"
             )
         if path == "/metrics" and self.metrics is not None:
             return _response(http.HTTPStatus.OK, self.metrics(), "text/plain; version=0.0.4; charset=utf-8")
