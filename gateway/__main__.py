@@ -21,7 +21,7 @@ async def run(config: Config) -> int:
     try:
         await gateway.start()
     except BrokerError as error:
-        print(f"stomp-gateway: {error.text}", file=sys.stderr)
+        print(f"stomp-gateway: {getattr(error, 'detail', None) or error.text}", file=sys.stderr)
         return 1
     except OSError as error:
         print(

@@ -197,7 +197,7 @@ def _quiet_client_libraries() -> Iterator[None]:
 def _describe(exc: BaseException, url: str) -> str:
     """One line saying why RabbitMQ at ``url`` could not be used."""
     if isinstance(exc, BrokerUnavailable):
-        return exc.text  # already names the (redacted) URL
+        return exc.detail  # names where RabbitMQ is, never the credentials
     if isinstance(exc, BrokerError):
         return f"RabbitMQ at {redact_url(url)} refused: {exc.text}"
     return f"cannot reach RabbitMQ at {redact_url(url)}: {exc}"

@@ -354,10 +354,12 @@ def _broker_error(exc: BaseException) -> BrokerError:
         match = _REPLY.match(text)
         if match is not None and match.group(1) in _CONNECTION_REPLY_CODES:
             return BrokerUnavailable(f"RabbitMQ closed the gateway's connection: {_close_reason(exc)}")
-        return BrokerUnavailable(f"connection to RabbitMQ lost: {text or type(exc).__name__}")
+        return BrokerUnavailable(
+            "the connection to the message broker was lost", detail=f"connection to RabbitMQ lost: {exc!r}"
+        )
     match = _REPLY.match(text)
-    if match is None:
-        return ChannelClosed(text or type(exc).__name__)
+    if match is None:  # not RabbitMQ's words: aiormq's, which name its objects
+        return ChannelClosed("the message broker closed the channel")
     name, detail = match.group(1), match.group(2)
     codes = {"NOT_FOUND": 404, "ACCESS_REFUSED": 403, "PRECONDITION_FAILED": 406, "RESOURCE_LOCKED": 405}
     return BrokerError(codes.get(name, 541), name.lower(), detail)
@@ -915,10 +917,14 @@ class AmqpBroker(Broker):
             # (530 NOT_ALLOWED); aiormq reports that as an unexpected frame.
             if "Connection.OpenOk" in str(exc):
                 raise VhostNotFound(credentials_from_url(url)[2]) from exc
-            raise BrokerUnavailable(f"RabbitMQ at {_redact(url)} refused the connection: {exc}") from exc
+            raise BrokerUnavailable(
+                "the message broker refused the connection",
+                detail=f"RabbitMQ at {_where(url)} refused the connection: {exc}",
+            ) from exc
         except (TimeoutError, aiormq.exceptions.AMQPError, OSError) as exc:
             raise BrokerUnavailable(
-                f"cannot reach RabbitMQ at {_redact(url)}: {exc or type(exc).__name__}"
+                "the message broker is unreachable",
+                detail=f"cannot reach RabbitMQ at {_where(url)}: {exc or type(exc).__name__}",
             ) from exc
 
     async def start(self) -> None:
@@ -955,7 +961,8 @@ class AmqpBroker(Broker):
             except BrokerError as exc:
                 if loop.time() - last_report >= 30:  # one line a while, not one per attempt
                     last_report = loop.time()
-                    logger.warning("RabbitMQ still unreachable after %.0f s: %s", last_report - lost_at, exc.text)
+                    detail = exc.detail if isinstance(exc, BrokerUnavailable) else exc.text
+                    logger.warning("RabbitMQ still unreachable after %.0f s: %s", last_report - lost_at, detail)
                 delay = min(delay * 2, self.MAX_RECONNECT_DELAY)
 
     def _key(self, login: str, passcode: str, vhost: str) -> tuple[str, str, str]:
@@ -1069,8 +1076,9 @@ def _alive(connection: aio_pika.abc.AbstractConnection | None) -> bool:
     return transport is not None and not transport.connection.is_closed
 
 
-def _redact(url: str) -> str:
+def _where(url: str) -> str:
+    """Host, port and vhost of an AMQP URL, for the log: never the credentials."""
     parts = urlsplit(url)
-    if parts.password:
-        return url.replace(f":{parts.password}@", ":******@", 1)
-    return url
+    host = parts.hostname or "127.0.0.1"
+    port = parts.port or (5671 if parts.scheme == "amqps" else 5672)
+    return f"{host}:{port}/{unquote(parts.path[1:]) if len(parts.path) > 1 else ''}"

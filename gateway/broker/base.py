@@ -114,10 +114,15 @@ class VhostNotFound(BrokerError):
 
 
 class BrokerUnavailable(BrokerError):
-    """The broker cannot be reached right now (not started, restarting, connection lost)."""
+    """The broker cannot be reached right now (not started, restarting, connection lost).
 
-    def __init__(self, text: str = "the message broker is not available") -> None:
+    ``text`` goes to clients and says nothing of the broker's address or credentials; ``detail`` is for
+    the gateway's own log (where the broker is, what the network said), never for clients.
+    """
+
+    def __init__(self, text: str = "the message broker is not available", detail: str | None = None) -> None:
         super().__init__(320, "connection_forced", text)
+        self.detail = detail or text
 
 
 class ChannelClosed(BrokerError):
