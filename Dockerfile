@@ -15,4 +15,6 @@ RUN pip install . && rm -rf /app/* && useradd --system --no-create-home gateway
 
 USER gateway
 EXPOSE 8181
-CMD ["stomp-gateway", "--host", "0.0.0.0", "--port", "8181"]
+# Alone (docker run -p 8181:8181 stomp-ws-gateway) it serves a working ticker: the embedded broker and the
+# stock daemon in the gateway. docker-compose.yml runs it against RabbitMQ with the daemon as its own service.
+CMD ["stomp-gateway", "--host", "0.0.0.0", "--port", "8181", "--with-stock-daemon"]

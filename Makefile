@@ -4,15 +4,23 @@ PORT ?= 8181
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+# Running needs the package alone; tests, lint and the benchmark add the dev and test extras.
+RUN_STAMP := $(VENV)/.installed-run
 STAMP := $(VENV)/.installed
 
-.PHONY: install run run-rabbitmq test test-unit lint up bench bench-smoke services clean
+.PHONY: install install-run run run-rabbitmq test test-unit lint up bench bench-smoke services clean
 
-$(STAMP): pyproject.toml
+$(RUN_STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e .
+	touch $(RUN_STAMP)
+
+$(STAMP): pyproject.toml $(RUN_STAMP)
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
+
+install-run: $(RUN_STAMP)
 
 install: $(STAMP)
 
@@ -20,12 +28,13 @@ node_modules/.installed: package.json
 	npm install --no-audit --no-fund --silent
 	touch node_modules/.installed
 
-run: $(STAMP)
+run: $(RUN_STAMP)
 	@echo "Open http://127.0.0.1:$(PORT)/  (embedded broker + stock daemon; Ctrl-C stops)"
 	PORT=$(PORT) $(PY) -m gateway --broker memory --with-stock-daemon
 
-run-rabbitmq: $(STAMP)
-	@echo "Open http://127.0.0.1:$(PORT)/  (RabbitMQ at $${AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/})"
+# AMQP_URL (default amqp://guest:guest@127.0.0.1:5672/) is passed on, never printed: it holds a password.
+run-rabbitmq: $(RUN_STAMP)
+	@echo "Open http://127.0.0.1:$(PORT)/  (RabbitMQ from AMQP_URL, or the local one; Ctrl-C stops)"
 	PORT=$(PORT) $(PY) -m gateway --broker rabbitmq --with-stock-daemon
 
 services:

@@ -259,10 +259,25 @@ def test_stock_daemon_commands_use_only_real_flags(services: dict[str, dict[str,
         assert (url.username, url.password) == (user, password), args.amqp_url
 
 
+def test_one_image_is_built_and_used_by_both_services(services: dict[str, dict[str, Any]]) -> None:
+    built = [name for name, s in services.items() if "build" in s]
+    assert built == ["gateway"], built
+    assert services["stock-daemon"]["image"] == services["gateway"]["image"]
+
+
+def test_no_obsolete_version_key_and_healthchecks_have_a_start_period(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    assert not re.search(r"^version\s*:", COMPOSE_FILE.read_text(), re.MULTILINE)
+    for name in ("rabbitmq", "gateway"):
+        assert services[name]["healthcheck"].get("start_period"), name
+
+
 def test_every_command_runs_a_declared_console_script(
     services: dict[str, dict[str, Any]], scripts: dict[str, str]
 ) -> None:
-    built = {name: s for name, s in services.items() if "build" in s}
+    image = services["gateway"]["image"]
+    built = {name: s for name, s in services.items() if "build" in s or s.get("image") == image}
     assert {"gateway", "stock-daemon"} <= set(built), sorted(built)
     for name, service in built.items():
         program = command_of(service)[0]
@@ -326,3 +341,25 @@ def test_dockerfile_copies_only_files_that_exist_and_are_not_dockerignored() -> 
             assert not any(source == pattern or source.startswith(pattern + "/") for pattern in ignored), (
                 f"COPY {source}: excluded by .dockerignore"
             )
+
+
+MAKEFILE = ROOT / "Makefile"
+
+
+def test_make_run_installs_only_what_running_needs() -> None:
+    dry = subprocess.run(
+        ["make", "-n", "-B", "run"], cwd=ROOT, capture_output=True, text=True, check=True, env={**os.environ}
+    ).stdout
+    installs = [line for line in dry.splitlines() if "pip install" in line and "--upgrade pip" not in line]
+    assert installs and all("[dev]" not in line and "[test]" not in line for line in installs), installs
+
+
+def test_no_make_target_prints_a_password() -> None:
+    env = {**os.environ, "AMQP_URL": "amqp://someone:s3cretpw@broker.internal:5672/"}
+    for target in ("run", "run-rabbitmq", "up", "test", "bench"):
+        dry = subprocess.run(["make", "-n", "-B", target], cwd=ROOT, capture_output=True, text=True, env=env)
+        echoed = [line for line in dry.stdout.splitlines() if line.lstrip().startswith("echo")]
+        # make -n shows the recipe unexpanded: an echo of ${AMQP_URL} would print the password when run
+        assert not any(
+            "s3cretpw" in line or "${AMQP_URL" in line or "$AMQP_URL" in line for line in echoed
+        ), (target, echoed)
