@@ -10,8 +10,8 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from gateway.broker.base import BrokerError
-from gateway.config import Config, parse_args
-from gateway.server import Gateway
+from gateway.config import Config, ConfigError, parse_args
+from gateway.server import Gateway, ListenError
 
 __all__ = ["configure_logging", "main", "run", "serve"]
 
@@ -23,11 +23,9 @@ async def run(config: Config) -> int:
     except BrokerError as error:
         print(f"stomp-gateway: {getattr(error, 'detail', None) or error.text}", file=sys.stderr)
         return 1
-    except OSError as error:
-        print(
-            f"stomp-gateway: cannot listen on {config.host}:{config.port}: {error.strerror}", file=sys.stderr
-        )
-        await gateway.broker.close()
+    except ListenError as error:
+        print(f"stomp-gateway: {error}", file=sys.stderr)
+        await gateway.stop()
         return 1
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -75,10 +73,17 @@ def configure_logging(config: Config) -> None:
     quiet = logging.DEBUG if config.log_level.upper() == "DEBUG" else logging.CRITICAL
     logging.getLogger("aiormq").setLevel(quiet)
     logging.getLogger("aio_pika").setLevel(quiet)
+    # websockets logs every HTTP request it answers (health probes, scrapes) and its own start and stop at
+    # INFO; the gateway logs what matters in its own words.
+    logging.getLogger("websockets").setLevel(logging.DEBUG if quiet == logging.DEBUG else logging.WARNING)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    config = parse_args(argv)
+    try:
+        config = parse_args(argv)
+    except ConfigError as error:
+        print(f"stomp-gateway: {error.message}", file=sys.stderr)
+        sys.exit(2)
     configure_logging(config)
     if config.workers > 1:
         from gateway.workers import supervise

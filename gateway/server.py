@@ -18,7 +18,7 @@ from gateway.stomp.frames import Limits
 from gateway.stomp.session import SessionSettings
 from gateway.transport.http import DEFAULT_WEB_ROOT, HttpResponder
 
-__all__ = ["Gateway", "make_broker"]
+__all__ = ["Gateway", "ListenError", "make_broker"]
 
 logger = logging.getLogger("gateway")
 
@@ -33,6 +33,13 @@ def make_broker(config: Config) -> Broker:
 
     assert config.amqp_url is not None
     return AmqpBroker(config.amqp_url, sessions_per_connection=config.sessions_per_connection)
+
+
+class ListenError(Exception):
+    """A listener could not open its port; the message names that listener, its port and why."""
+
+    def __init__(self, listener: str, host: str, port: int, exc: OSError) -> None:
+        super().__init__(f"cannot listen for {listener} on {host}:{port}: {exc.strerror or exc}")
 
 
 class Gateway:
@@ -109,11 +116,17 @@ class Gateway:
 
         await self.broker.start()
         http = HttpResponder(self._web_root(), self.not_ready, lambda: generate_latest(self.metrics))
-        ws_server = await serve_websocket(self, http)
+        try:
+            ws_server = await serve_websocket(self, http)
+        except OSError as exc:
+            raise ListenError("WebSocket/HTTP (--port)", self.config.host, self.config.port, exc) from exc
         self._servers.append(ws_server)
         self.port = ws_server.sockets[0].getsockname()[1]
         if self.config.tcp_port is not None:
-            tcp_server = await serve_tcp(self)
+            try:
+                tcp_server = await serve_tcp(self)
+            except OSError as exc:
+                raise ListenError("STOMP over TCP (--tcp-port)", self.config.host, self.config.tcp_port, exc) from exc
             self._servers.append(tcp_server)
             self.tcp_port = tcp_server.sockets[0].getsockname()[1]
         if self.config.with_stock_daemon:

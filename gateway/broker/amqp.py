@@ -881,6 +881,8 @@ class AmqpBroker(Broker):
     """RabbitMQ, reached at ``url``. ``url``'s credentials are the monitor's, not the sessions'."""
 
     kind = "rabbitmq"
+    #: Seconds for the TCP connect and the AMQP handshake of one connection.
+    CONNECT_TIMEOUT = 10.0
     #: Seconds an AMQP connection without channels stays open for the next session of its user.
     IDLE_CLOSE = 30.0
 
@@ -906,7 +908,7 @@ class AmqpBroker(Broker):
 
     async def _connect(self, url: str) -> aio_pika.abc.AbstractConnection:
         try:
-            return await aio_pika.connect(self._with_params(url), timeout=10)
+            return await aio_pika.connect(self._with_params(url), timeout=self.CONNECT_TIMEOUT)
         except aiormq.exceptions.ProbableAuthenticationError as exc:
             login = credentials_from_url(url)[0]
             raise AccessRefused(login) from exc
@@ -921,7 +923,13 @@ class AmqpBroker(Broker):
                 "the message broker refused the connection",
                 detail=f"RabbitMQ at {_where(url)} refused the connection: {exc}",
             ) from exc
-        except (TimeoutError, aiormq.exceptions.AMQPError, OSError) as exc:
+        except TimeoutError as exc:
+            raise BrokerUnavailable(
+                "the message broker is unreachable",
+                detail=f"RabbitMQ at {_where(url)} did not complete the AMQP handshake within "
+                f"{self.CONNECT_TIMEOUT:g} s (is something else listening there?)",
+            ) from exc
+        except (aiormq.exceptions.AMQPError, OSError) as exc:
             raise BrokerUnavailable(
                 "the message broker is unreachable",
                 detail=f"cannot reach RabbitMQ at {_where(url)}: {exc or type(exc).__name__}",
