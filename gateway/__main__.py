@@ -11,6 +11,7 @@ from typing import Any
 
 from gateway.broker.base import BrokerError
 from gateway.config import Config, ConfigError, parse_args
+from gateway.logs import configure
 from gateway.server import Gateway, ListenError
 
 __all__ = ["configure_logging", "main", "run", "serve"]
@@ -64,18 +65,7 @@ def serve(config: Config) -> int:
 
 
 def configure_logging(config: Config) -> None:
-    logging.basicConfig(
-        level=getattr(logging, config.log_level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    # The gateway reports broker trouble itself, once and in its own words; the AMQP libraries'
-    # tracebacks are for debugging.
-    quiet = logging.DEBUG if config.log_level.upper() == "DEBUG" else logging.CRITICAL
-    logging.getLogger("aiormq").setLevel(quiet)
-    logging.getLogger("aio_pika").setLevel(quiet)
-    # websockets logs every HTTP request it answers (health probes, scrapes) and its own start and stop at
-    # INFO; the gateway logs what matters in its own words.
-    logging.getLogger("websockets").setLevel(logging.DEBUG if quiet == logging.DEBUG else logging.WARNING)
+    configure(config.log_level, config.log_format)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

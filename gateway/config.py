@@ -185,6 +185,9 @@ class Config:
     log_level: str = _setting(
         "INFO", "--log-level", "LOG_LEVEL", "DEBUG, INFO, WARNING or ERROR", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
     )
+    log_format: str = _setting(
+        "text", "--log-format", "LOG_FORMAT", "log lines as text or as JSON objects", choices=["text", "json"]
+    )
 
 
 class ConfigError(SystemExit):

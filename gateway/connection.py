@@ -160,6 +160,12 @@ class StompConnection:
         self.last_received = self.last_sent = self.loop.time()
         self.closed = asyncio.Event()
         self.debug = logger.isEnabledFor(logging.DEBUG)
+        self.started = self.loop.time()
+        #: what the session-end log line reports
+        self.frames_in = 0
+        self.frames_out = 0  # frames other than MESSAGE
+        self.messages_out = 0
+        self.close_reason = "open"
         self._closing = False
         self._principal: Any = None
         self._channel: Channel | None = None
@@ -196,6 +202,7 @@ class StompConnection:
         self._receiving = True  # the client is not silent while its frames wait for the broker
         try:
             while frames:
+                self.frames_in += len(frames)
                 for frame in frames:
                     if self._closing:
                         return
@@ -225,6 +232,8 @@ class StompConnection:
 
     async def connection_lost(self) -> None:
         """The client went away (or we closed): release everything."""
+        if self.close_reason == "open":
+            self.close_reason = "connection closed by the client"
         if not self._closing:
             self._closing = True
             self.session.state = State.CLOSED
@@ -269,6 +278,7 @@ class StompConnection:
     # -- output -----------------------------------------------------------------------------------------
 
     def send_frame(self, frame: Frame) -> None:
+        self.frames_out += 1
         data = frame.serialize(self.session.version)
         try:
             data.decode("utf-8")
@@ -483,6 +493,7 @@ class StompConnection:
             if self._closing:
                 return
             transport.write_message(template, version, sub_id)
+            self.messages_out += 1
             self.last_sent = loop.time()
             if transport.buffered > limit and transport.backlog > limit:
                 self._slow_client()
@@ -613,11 +624,36 @@ class StompConnection:
         if not self._closing and all(not f.cancelled() and f.exception() is None for f in pending):
             self.send_frame(receipt)  # a failed publish was reported with an ERROR instead
 
+    def _log_end(self) -> None:
+        session = self.session
+        duration = self.loop.time() - self.started
+        logger.info(
+            "session %s ended after %.1f s: %s",
+            session.id,
+            duration,
+            self.close_reason,
+            extra={
+                "fields": {
+                    "session": session.id,
+                    "peer": self.peer,
+                    "user": session.login or None,
+                    "vhost": session.vhost or None,
+                    "version": session.version if session.login else None,
+                    "duration_s": round(duration, 3),
+                    "frames_in": self.frames_in,
+                    "frames_out": self.frames_out + self.messages_out,
+                    "messages_out": self.messages_out,
+                    "reason": self.close_reason,
+                }
+            },
+        )
+
     async def _disconnect(self, action: Disconnect) -> None:
         if self._pending:
             await asyncio.wait(list(self._pending), timeout=self.settings.close_timeout)
         if action.receipt is not None:
             self.send_frame(action.receipt)
+        self.close_reason = "DISCONNECT"
         await self._close(None)
 
     async def _close(self, error: Frame | None) -> None:
@@ -626,8 +662,16 @@ class StompConnection:
             return
         if error is not None:
             self.send_frame(error)
-            if self.debug:
-                logger.debug("%s < ERROR %s", self.peer, error.headers)
+            self.close_reason = "ERROR " + (error.get("message") or "")
+            logger.info(
+                "session %s: ERROR %s: %s",
+                self.session.id,
+                error.get("message"),
+                error.body.decode("utf-8", "replace").strip(),
+                extra={"fields": {"session": self.session.id, "peer": self.peer}},
+            )
+        elif self.close_reason == "open":
+            self.close_reason = "closed by the gateway"
         self._closing = True
         self.session.state = State.CLOSED
         try:
@@ -641,6 +685,7 @@ class StompConnection:
         if self.closed.is_set():
             return
         self.closed.set()
+        self._log_end()
         current = asyncio.current_task()
         for task in self._tasks:
             if task is not current:
@@ -714,4 +759,5 @@ class _Deliverer:
             return
         session = connection.session
         template = session.deliver(subscription, delivery)
+        connection.messages_out += 1
         connection._write(session.render(subscription, template), template.is_text)
