@@ -16,8 +16,10 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from gateway import metrics
 from gateway.broker.base import Broker, BrokerError, Channel, ChannelClosed, Delivery, PublishNacked
 from gateway.fanout import FanoutRegistry, Sink
+from gateway.metrics import TALLY
 from gateway.stomp.frames import Frame, FrameParser, Limits, ProtocolError
 from gateway.stomp.session import (
     Ack,
@@ -49,6 +51,9 @@ logger = logging.getLogger(__name__)
 
 class Transport(abc.ABC):
     """What a connection needs from its byte pipe."""
+
+    #: what the metrics call this transport
+    kind = "?"
 
     @abc.abstractmethod
     def write(self, data: bytes, text: bool) -> None:
@@ -166,6 +171,8 @@ class StompConnection:
         self.frames_out = 0  # frames other than MESSAGE
         self.messages_out = 0
         self.close_reason = "open"
+        self._session_gauge = metrics.SESSIONS.labels("connecting", "")
+        self._session_gauge.inc()
         self._closing = False
         self._principal: Any = None
         self._channel: Channel | None = None
@@ -194,6 +201,7 @@ class StompConnection:
         if self._closing:
             return
         self.last_received = self.loop.time()
+        TALLY.bytes_received += len(data)
         try:
             frames = self.parser.receive_data(data, YIELD_EVERY)
         except ProtocolError as error:
@@ -203,7 +211,9 @@ class StompConnection:
         try:
             while frames:
                 self.frames_in += len(frames)
+                received = TALLY.frames_received
                 for frame in frames:
+                    received[frame.command] += 1
                     if self._closing:
                         return
                     if self.debug:
@@ -279,6 +289,7 @@ class StompConnection:
 
     def send_frame(self, frame: Frame) -> None:
         self.frames_out += 1
+        TALLY.frames_sent[frame.command] += 1
         data = frame.serialize(self.session.version)
         try:
             data.decode("utf-8")
@@ -299,6 +310,7 @@ class StompConnection:
     def _slow_client(self) -> None:
         if self.session.state is State.CLOSED:
             return  # already on its way out
+        metrics.SLOW_CLIENTS.inc()
         limit = self.settings.max_outbound_buffer
         error = ProtocolError(
             "Slow consumer",
@@ -357,6 +369,7 @@ class StompConnection:
         try:
             self._principal = await self.broker.authenticate(action.login, action.passcode, action.vhost)
         except BrokerError as error:
+            metrics.LOGIN_FAILURES.inc()
             await self._fail(error)
             return
         if self._closing:
@@ -374,6 +387,10 @@ class StompConnection:
             await self._run(self.session.fail(error))
             return
         await self._run(self.session.authenticated())
+        if self.session.state is State.CONNECTED:
+            self._session_gauge.dec()
+            self._session_gauge = metrics.SESSIONS.labels("connected", self.session.version)
+            self._session_gauge.inc()
         send_every, expect_every = self.session.heartbeat
         if send_every or expect_every:
             self._tasks.append(asyncio.create_task(self._heartbeats(send_every, expect_every)))
@@ -430,6 +447,7 @@ class StompConnection:
         except BrokerError as error:
             await self._fail(error, action.receipt)
             return
+        TALLY.messages_published += 1
         self._pending.add(future)
         future.add_done_callback(lambda f: self._confirmed(f, action.receipt))
         await channel.drain()
@@ -663,6 +681,7 @@ class StompConnection:
         if error is not None:
             self.send_frame(error)
             self.close_reason = "ERROR " + (error.get("message") or "")
+            metrics.ERRORS_SENT.labels(error.get("message") or "").inc()
             logger.info(
                 "session %s: ERROR %s: %s",
                 self.session.id,
@@ -685,6 +704,7 @@ class StompConnection:
         if self.closed.is_set():
             return
         self.closed.set()
+        self._session_gauge.dec()
         self._log_end()
         current = asyncio.current_task()
         for task in self._tasks:
@@ -760,4 +780,6 @@ class _Deliverer:
         session = connection.session
         template = session.deliver(subscription, delivery)
         connection.messages_out += 1
+        TALLY.messages_delivered += 1
+        TALLY.frames_sent["MESSAGE"] += 1
         connection._write(session.render(subscription, template), template.is_text)

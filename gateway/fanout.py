@@ -15,10 +15,13 @@ import contextlib
 import itertools
 import logging
 import secrets
+import time
 from collections.abc import Callable
 from typing import Any
 
+from gateway import metrics
 from gateway.broker.base import Broker, BrokerError, Channel, ChannelClosed, Delivery
+from gateway.metrics import TALLY
 from gateway.stomp.session import MessageTemplate
 
 __all__ = ["FanoutHub", "FanoutRegistry", "Sink"]
@@ -57,15 +60,21 @@ class _Group:
         self.count = 0
 
     def deliver(self, delivery: Delivery) -> None:
+        started = time.perf_counter()
         self.count += 1
         template = MessageTemplate.from_delivery(
             delivery, f"{self.prefix}{self.count}", self.hub.topic_exchange
         )
-        for sink in list(self.sinks):
+        sinks = list(self.sinks)
+        for sink in sinks:
             try:
                 sink.on_message(template)
             except Exception:  # a broken session must not stop the others
                 logger.exception("fan-out delivery to a session failed")
+        # Counted once per delivery, not per session: the loop above is the hot path.
+        TALLY.messages_delivered += len(sinks)
+        TALLY.frames_sent["MESSAGE"] += len(sinks)
+        metrics.DELIVERY_LATENCY.observe(time.perf_counter() - started)
 
 
 class FanoutHub:
@@ -98,6 +107,9 @@ class FanoutHub:
             if not group.ready.done():
                 group.ready.set_exception(error)
                 group.ready.exception()  # mark retrieved; waiters re-raise it
+            else:
+                metrics.FANOUT_GROUPS.dec()
+            metrics.FANOUT_SUBSCRIBERS.dec(len(group.sinks))
             for sink in group.sinks:
                 sink.group = None
                 sink.on_error(error)
@@ -140,12 +152,14 @@ class FanoutHub:
                     group.ready.exception()
                 raise
             group.ready.set_result(None)
+            metrics.FANOUT_GROUPS.inc()
         else:
             await asyncio.shield(group.ready)
         if self.groups.get(key) is not group:  # closed while we waited
             raise ChannelClosed("shared subscription closed")
         group.sinks.append(sink)
         sink.group = group
+        metrics.FANOUT_SUBSCRIBERS.inc()
 
     async def _create(self, group: _Group) -> None:
         await self._declare_and_bind(group)
@@ -160,9 +174,11 @@ class FanoutHub:
             return
         with contextlib.suppress(ValueError):
             group.sinks.remove(sink)
+            metrics.FANOUT_SUBSCRIBERS.dec()
         if group.sinks or self.groups.get((group.exchange, group.binding_key)) is not group:
             return
         del self.groups[(group.exchange, group.binding_key)]
+        metrics.FANOUT_GROUPS.dec()
         channel = self._channel
         if channel is not None and channel.is_open and group.consumer_tag:
             with contextlib.suppress(BrokerError):

@@ -8,8 +8,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
-
+from gateway import metrics
 from gateway.broker.base import Broker
 from gateway.config import Config
 from gateway.connection import ConnectionSettings, StompConnection
@@ -74,16 +73,7 @@ class Gateway:
             max_outbound_buffer=config.max_outbound_buffer,
         )
         self.connections: set[StompConnection] = set()
-        self.metrics = CollectorRegistry()
-        self._open_gauge = Gauge(
-            "stomp_gateway_connections", "Open client connections", registry=self.metrics
-        )
-        self._opened = Counter(
-            "stomp_gateway_connections_opened", "Client connections accepted", registry=self.metrics
-        )
-        Gauge(
-            "stomp_gateway_broker_up", "1 while the broker is reachable", registry=self.metrics
-        ).set_function(lambda: 1.0 if self.broker.is_available else 0.0)
+        self._metrics_task: asyncio.Task[None] | None = None
         self._servers: list[Any] = []
         self._draining = False
         self._daemon_task: asyncio.Task[None] | None = None
@@ -93,13 +83,14 @@ class Gateway:
 
     def connection_opened(self, connection: StompConnection) -> None:
         self.connections.add(connection)
-        self._open_gauge.inc()
-        self._opened.inc()
+        kind = connection.transport.kind
+        metrics.CONNECTIONS.labels(kind).inc()
+        metrics.CONNECTIONS_OPENED.labels(kind).inc()
 
     def connection_closed(self, connection: StompConnection) -> None:
         if connection in self.connections:
             self.connections.discard(connection)
-            self._open_gauge.dec()
+            metrics.CONNECTIONS.labels(connection.transport.kind).dec()
 
     def _web_root(self) -> Path | None:
         root = self.config.web_root
@@ -115,7 +106,8 @@ class Gateway:
         from gateway.transport.websocket import serve_websocket
 
         await self.broker.start()
-        http = HttpResponder(self._web_root(), self.not_ready, lambda: generate_latest(self.metrics))
+        http = HttpResponder(self._web_root(), self.not_ready, metrics.exposition)
+        self._metrics_task = asyncio.create_task(metrics.run_flusher(lambda: self.broker.is_available))
         try:
             ws_server = await serve_websocket(self, http)
         except OSError as exc:
@@ -150,6 +142,8 @@ class Gateway:
 
     async def stop(self) -> None:
         self._draining = True
+        if self._metrics_task is not None:
+            self._metrics_task.cancel()
         self._daemon_stop.set()
         if self._daemon_task is not None:
             with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError, Exception):

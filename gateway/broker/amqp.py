@@ -39,6 +39,7 @@ from pamqp.body import ContentBody
 from pamqp.common import FieldTable
 from pamqp.header import ContentHeader
 
+from gateway import metrics
 from gateway.broker.base import (
     AccessRefused,
     Broker,
@@ -829,6 +830,7 @@ class _Pooled:
         self.closed_by_us = False
         self._on_idle = on_idle
         underlay.closing.add_done_callback(self._connection_closed)
+        metrics.AMQP_CONNECTIONS.inc()
 
     @property
     def underlay(self) -> aiormq.abc.AbstractConnection:
@@ -843,6 +845,7 @@ class _Pooled:
     def release(self) -> None:
         """One channel of this connection closed."""
         self.channels -= 1
+        metrics.AMQP_CHANNELS.dec()
         if self.channels == 0:
             self._on_idle(self)
 
@@ -863,6 +866,7 @@ class _Pooled:
             await asyncio.wait_for(self.connection.close(), 5)
 
     def _connection_closed(self, future: asyncio.Future[Any]) -> None:
+        metrics.AMQP_CONNECTIONS.dec()
         if self.closed_by_us:
             return
         exc = None if future.cancelled() else future.exception()
@@ -965,6 +969,7 @@ class AmqpBroker(Broker):
                         await asyncio.wait_for(self._monitor.close(), 1)
                 self._monitor = await self._connect(self.url)
                 logger.warning("RabbitMQ connection restored after %.1f s", loop.time() - lost_at)
+                metrics.BROKER_RECONNECTS.inc()
                 down_since = None
             except BrokerError as exc:
                 if loop.time() - last_report >= 30:  # one line a while, not one per attempt
@@ -1017,6 +1022,7 @@ class AmqpBroker(Broker):
             if pooled.channels == 0:
                 self._idle(pooled)
         pooled.channels += 1
+        metrics.AMQP_CHANNELS.inc()
         try:
             channel = await pooled.underlay.channel(channel_number=number, publisher_confirms=False)
         except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:

@@ -8,6 +8,7 @@ import ssl
 from typing import Any
 
 from gateway.connection import Backlog, StompConnection, Transport
+from gateway.metrics import TALLY
 
 __all__ = ["TcpTransport", "serve_tcp"]
 
@@ -17,6 +18,8 @@ READ_SIZE = 64 * 1024
 class TcpTransport(Transport):
     __slots__ = ("_backlog", "writer")
 
+    kind = "tcp"
+
     def __init__(self, writer: asyncio.StreamWriter) -> None:
         self.writer = writer
         self._backlog = Backlog(writer.transport.get_write_buffer_size)
@@ -25,6 +28,7 @@ class TcpTransport(Transport):
         if not self.writer.is_closing():
             self.writer.write(data)
             self._backlog.wrote(len(data))
+            TALLY.bytes_sent += len(data)
 
     def write_heartbeat(self) -> None:
         self.write(b"\n", True)

@@ -23,6 +23,7 @@ from websockets.protocol import State
 from websockets.typing import Subprotocol
 
 from gateway.connection import Backlog, StompConnection, Transport
+from gateway.metrics import TALLY
 from gateway.stomp.session import MessageTemplate
 from gateway.transport.http import HttpResponder
 
@@ -102,6 +103,8 @@ class WebSocketTransport(Transport):
 
     __slots__ = ("_backlog", "_loop", "_pending", "max_message_size", "raw", "ws")
 
+    kind = "websocket"
+
     def __init__(self, ws: ServerConnection, max_unauthenticated: int, max_message_size: int) -> None:
         self.ws = ws
         self.raw = not ws.protocol.extensions
@@ -129,6 +132,7 @@ class WebSocketTransport(Transport):
             if transport is not None:
                 transport.write(wire)
                 self._backlog.wrote(len(wire))
+                TALLY.bytes_sent += len(wire)
         elif pending is _WROTE:
             self._pending = [wire]
         else:
@@ -142,6 +146,7 @@ class WebSocketTransport(Transport):
         data = pending[0] if len(pending) == 1 else b"".join(pending)
         ws.transport.write(data)
         self._backlog.wrote(len(data))
+        TALLY.bytes_sent += len(data)
 
     def write(self, data: bytes, text: bool) -> None:
         ws = self.ws
@@ -158,6 +163,7 @@ class WebSocketTransport(Transport):
         ws.send_data()
         # Compressed, the size is known only from the buffer: what the kernel did not take at once.
         self._backlog.wrote(self._buffer_size() - before)
+        TALLY.bytes_sent += len(data)  # before compression
 
     def write_message(self, template: MessageTemplate, version: str, subscription: str | None) -> None:
         if not self.raw:

@@ -259,7 +259,7 @@ class TestHttp:
         response = await asyncio.to_thread(conn.getresponse)
         body = response.read().decode()
         assert response.status == 200
-        assert "stomp_gateway_connections 1.0" in body
+        assert 'stomp_gateway_connections{transport="websocket"}' in body  # test_metrics.py has the rest
 
 
 @pytest.fixture(scope="module")
