@@ -232,8 +232,11 @@ async def serve_websocket(gateway: Any, http: HttpResponder) -> Server:
 
     def process_request(ws: ServerConnection, request: Request) -> Response | None:
         path = request.path.split("?", 1)[0]
-        if path == WS_PATH and "upgrade" in request.headers.get("Connection", "").lower():
-            if request.headers.get("Sec-WebSocket-Version") != "13":
+        # get_all(): a header sent twice must not raise here (that would be a 500 and a logged traceback
+        # per request); Connection may legitimately be split over several lines (RFC 9110 §5.3).
+        connection = ", ".join(request.headers.get_all("Connection")).lower()
+        if path == WS_PATH and "upgrade" in connection:
+            if request.headers.get_all("Sec-WebSocket-Version") != ["13"]:
                 # RFC 6455 §4.4: name the version this server speaks.
                 response = ws.respond(HTTPStatus.UPGRADE_REQUIRED, "Only WebSocket version 13 is supported\n")
                 response.headers["Sec-WebSocket-Version"] = "13"
