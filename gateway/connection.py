@@ -681,7 +681,7 @@ class StompConnection:
         if error is not None:
             self.send_frame(error)
             self.close_reason = "ERROR " + (error.get("message") or "")
-            metrics.ERRORS_SENT.labels(error.get("message") or "").inc()
+            metrics.error_sent(error.get("message") or "")
             logger.info(
                 "session %s: ERROR %s: %s",
                 self.session.id,

@@ -31,7 +31,7 @@ from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
-__all__ = ["MULTIPROCESS", "TALLY", "exposition", "flush", "run_flusher"]
+__all__ = ["MULTIPROCESS", "TALLY", "error_sent", "exposition", "flush", "run_flusher"]
 
 #: prometheus-client's multiprocess mode is on (set by the ``--workers`` supervisor).
 MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
@@ -72,6 +72,20 @@ DELIVERY_LATENCY = Histogram(
     buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
     registry=_REGISTRY,
 )
+
+
+#: distinct ERROR reasons counted per process; more are counted as "other" (bounded cardinality)
+MAX_ERROR_REASONS = 50
+_error_reasons: set[str] = set()
+
+
+def error_sent(reason: str) -> None:
+    if reason not in _error_reasons:
+        if len(_error_reasons) >= MAX_ERROR_REASONS:
+            reason = "other"
+        else:
+            _error_reasons.add(reason)
+    ERRORS_SENT.labels(reason).inc()
 
 
 class Tally:

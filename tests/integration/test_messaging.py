@@ -684,8 +684,9 @@ class TestPadding:
 
 
 class TestNameLimits:
-    """AMQP names and keys are short strings (255 bytes): both backends refuse longer ones alike, with
-    RabbitMQ's precondition_failed."""
+    """AMQP names and keys are short strings (255 bytes): both backends refuse longer ones alike, with the
+    AMQP reply precondition_failed. (RabbitMQ's own STOMP plugin passes such names on internally; an AMQP
+    0-9-1 connection cannot carry them, so the gateway refuses them in its own words.)"""
 
     @pytest.mark.parametrize(
         ("command", "destination", "what"),
