@@ -219,10 +219,12 @@ class StompConnection:
                     if self.debug:
                         logger.debug("%s > %s %s", self.peer, frame.command, frame.headers)
                     await self._run(self.session.receive_frame(frame))
-                if self.parser.error is not None or self._closing:
-                    break
+                if self.parser.error is not None or self._closing or len(frames) < YIELD_EVERY:
+                    break  # (a short slice: nothing complete is left in the parser)
                 # One client's burst (thousands of frames in one message) is parsed and handled a slice
-                # at a time, and other connections run in between.
+                # at a time, and other connections run in between. A message of a few frames costs no
+                # extra pass of the event loop: that would split the deliveries it causes into more,
+                # smaller writes to every subscriber.
                 await asyncio.sleep(0)
                 try:
                     frames = self.parser.receive_data(b"", YIELD_EVERY)
