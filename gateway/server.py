@@ -106,7 +106,7 @@ class Gateway:
         from gateway.transport.websocket import serve_websocket
 
         await self.broker.start()
-        http = HttpResponder(self._web_root(), self.not_ready, metrics.exposition)
+        http = HttpResponder(self._web_root(), self.not_ready, metrics.exposition, self.info)
         self._metrics_task = asyncio.create_task(metrics.run_flusher(lambda: self.broker.is_available))
         try:
             ws_server = await serve_websocket(self, http)
@@ -131,6 +131,10 @@ class Gateway:
             self.config.default_login, self.config.default_passcode, self.config.default_vhost
         )
         await run_daemon(self.broker, principal, DaemonConfig.from_env(), stop=self._daemon_stop)
+
+    def info(self) -> dict[str, str]:
+        """``/info.json``: what the page shows about the gateway (no address, port or user)."""
+        return {"broker": "RabbitMQ" if self.broker.kind == "rabbitmq" else "the embedded broker"}
 
     def not_ready(self) -> str | None:
         """Why the gateway should not take new clients now (``/readyz``), or None."""

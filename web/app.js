@@ -2,11 +2,16 @@
  * The live stock ticker page.
  *
  * Data path: @stomp/stompjs (vendor/stomp.umd.min.js, global StompJs) connects to the gateway at
- * ws(s)://<this host>/ws. Every row subscribes to /exchange/stocks/<SYMBOL> (the stock daemon publishes
- * one JSON tick per symbol there). After each (re)connect the page also asks for a snapshot:
- * SEND /queue/stocks.snapshot with reply-to:/temp-queue/snapshot; the reply (a JSON list of every
- * quote) arrives as a MESSAGE whose subscription is /temp-queue/snapshot, which stompjs hands to
- * onUnhandledMessage. The snapshot fills the table at once and tells which symbols exist.
+ * ws(s)://<this host>/ws. Every row subscribes to /exchange/stocks/<SYMBOL> (the stock daemon, or any
+ * other service, publishes one JSON tick per symbol there). After each (re)connect the page also asks for
+ * a snapshot: SEND /queue/stocks.snapshot with reply-to:/temp-queue/snapshot; the reply (a JSON list of
+ * every quote the daemon knows) arrives as a MESSAGE whose subscription is /temp-queue/snapshot, which
+ * stompjs hands to onUnhandledMessage, and fills the table at once. Any symbol can be added: a row
+ * without a tick yet says "waiting for data", and after a while "no data yet".
+ *
+ * While the connection is down the rows are dimmed and the page says since when the prices are stale;
+ * an ERROR from the server is shown in plain words and cleared once the connection is back. The
+ * subtitle names the broker the gateway uses (GET info.json).
  *
  * Subscriptions are made in onConnect, so every automatic reconnect re-subscribes every row (the book's
  * client did not). A price flashes green when the NEW price is above the OLD one and red when below; an
@@ -28,6 +33,8 @@
   const SPARK_WIDTH = 100;
   const SPARK_HEIGHT = 28;
   const MESSAGE_MS = 8000;
+  // How long a row waits for its first tick before it says so (?nodata=<ms> for tests).
+  const NO_DATA_MS = Number(new URLSearchParams(window.location.search).get('nodata')) || 15000;
   const STABLE_MS = 10000; // a connection that lasted less than this counts as flapping
   const FLAP_DELAY_MAX_MS = 30000;
   const SVG_NS = 'http://www.w3.org/2000/svg';
@@ -43,9 +50,8 @@
 
   /** symbol -> row state: {symbol, tr, price, change, percent, line, history, last, time, subscription} */
   const rows = new Map();
-  /** Symbols the latest snapshot listed (kept across reconnects), or null until the first one arrives. */
-  let knownSymbols = null;
   let snapshotTimer = null;
+  let lastUpdate = null; // Date of the newest tick shown
   let snapshotCounter = 0;
   let snapshotAwaited = false;
   let messageTimer = null;
@@ -89,16 +95,35 @@
   }
 
   function setStatus(online) {
-    statusEl.textContent = online ? 'Online' : 'Offline';
+    statusEl.textContent = online ? 'Online' : 'Reconnecting…';
     statusEl.classList.toggle('online', online);
     statusEl.classList.toggle('offline', !online);
+    document.body.classList.toggle('stale', !online);
+    const note = $('#stale-note');
+    if (online) {
+      note.hidden = true;
+    } else {
+      note.textContent = lastUpdate
+        ? `Connection lost: prices as of ${lastUpdate.toLocaleTimeString()}, reconnecting…`
+        : 'Not connected yet: reconnecting…';
+      note.hidden = false;
+    }
   }
 
+  // What a page visitor is told for the ERROR frames they may meet; details stay in the fold.
+  const PLAIN_WORDS = {
+    connection_forced: 'The price feed is unavailable right now. The page reconnects by itself.',
+    'Bad CONNECT': 'The server did not accept this page\'s login.',
+    'Slow consumer': 'The connection fell too far behind and was reset. The page reconnects by itself.',
+    'Heart-beat timeout': 'The connection went quiet and was reset. The page reconnects by itself.',
+  };
+
   function showError(message, body) {
-    $('#error-message').textContent = message || 'Unknown error';
+    $('#error-message').textContent =
+      PLAIN_WORDS[message] || `The server reported a problem (${message || 'unknown'}). The page reconnects by itself.`;
     const bodyEl = $('#error-body');
     bodyEl.textContent = body || '';
-    bodyEl.hidden = !body;
+    $('#error-details').hidden = !body;
     banner.hidden = false;
   }
 
@@ -170,7 +195,16 @@
     actions.appendChild(remove);
 
     tr.append(name, price, change, percent, trend, actions);
-    return { symbol, tr, price, change, percent, line, history: [], last: null, time: '', subscription: null };
+    price.textContent = 'waiting for data';
+    price.classList.add('waiting');
+    const row = { symbol, tr, price, change, percent, line, history: [], last: null, time: '', subscription: null };
+    row.noDataTimer = setTimeout(() => {
+      if (row.last === null) {
+        price.textContent = 'no data yet';
+        price.title = `Nothing has been published for ${symbol} since it was added.`;
+      }
+    }, NO_DATA_MS);
+    return row;
   }
 
   function addRow(symbol) {
@@ -185,6 +219,7 @@
   function dropRow(symbol) {
     const row = rows.get(symbol);
     if (!row) return;
+    clearTimeout(row.noDataTimer);
     unsubscribe(row);
     row.tr.remove();
     rows.delete(symbol);
@@ -230,6 +265,10 @@
     if (row.last !== null && price !== row.last) flash(row.price, price > row.last);
     row.last = price;
     row.time = time;
+    row.price.classList.remove('waiting');
+    row.price.title = '';
+    const at = time ? new Date(time) : new Date();
+    if (!Number.isNaN(at.getTime()) && (!lastUpdate || at > lastUpdate)) lastUpdate = at;
 
     row.price.textContent = priceFormat.format(price);
     if (time) row.price.title = `as of ${new Date(time).toLocaleTimeString()}`;
@@ -316,21 +355,14 @@
     if (!Array.isArray(quotes)) return;
     snapshotAwaited = false;
     clearTimeout(snapshotTimer);
-    knownSymbols = new Set(quotes.filter((q) => q && typeof q.symbol === 'string').map((q) => q.symbol));
+    // Symbols the daemon does not know keep their rows: another service may publish them.
     quotes.forEach(applyQuote);
-    // Rows the price service does not know (added while it had not answered, or kept from an older
-    // universe) are removed, and the user is told which.
-    const unknown = [...rows.keys()].filter((symbol) => !knownSymbols.has(symbol));
-    if (unknown.length > 0) {
-      unknown.forEach(dropRow);
-      saveSymbols();
-      showMessage(`Unknown symbol: ${unknown.join(', ')}`, 'error');
-    }
   }
 
   client.onConnect = () => {
     connectedAt = Date.now();
     setStatus(true);
+    banner.hidden = true; // the connection is back: whatever went wrong is over
     for (const row of rows.values()) {
       row.subscription = null; // subscriptions of the previous connection died with it
       subscribe(row);
@@ -375,19 +407,11 @@
       showMessage(`${symbol} is already in the table.`, 'info');
       return false;
     }
-    if (knownSymbols !== null && !knownSymbols.has(symbol)) {
-      showMessage(`Unknown symbol: ${symbol}`, 'error');
-      return false;
-    }
     addRow(symbol);
     saveSymbols();
-    if (knownSymbols !== null) {
-      showMessage(`Added ${symbol}.`, 'info');
-      // Fill the new row now rather than at its next tick.
-      if (client.connected) requestSnapshot();
-    } else {
-      showMessage(`Added ${symbol}; it will be checked once the price service answers.`, 'info');
-    }
+    showMessage(`Added ${symbol}.`, 'info');
+    // Fill the new row now rather than at its next tick (if the price service knows it).
+    if (client.connected) requestSnapshot();
     return true;
   }
 
@@ -410,8 +434,17 @@
 
   // ---- start ----------------------------------------------------------------------------------------
 
+  // The subtitle names the broker actually behind the gateway.
+  fetch('info.json')
+    .then((response) => (response.ok ? response.json() : null))
+    .then((info) => {
+      if (info && info.broker) $('#broker').textContent = info.broker;
+    })
+    .catch(() => {});
+
   setStatus(false);
   loadSymbols().forEach(addRow);
+  saveSymbols(); // what was stored, cleaned (upper case, valid symbols, no duplicates)
   emptyEl.hidden = rows.size > 0;
   client.activate();
 })();

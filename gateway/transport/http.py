@@ -8,6 +8,7 @@ and a CSP with ``frame-ancestors 'none'``.
 from __future__ import annotations
 
 import http
+import json
 import mimetypes
 import sys
 from collections.abc import Callable
@@ -74,10 +75,12 @@ class HttpResponder:
         web_root: Path | None,
         ready: Callable[[], str | None],
         metrics: Callable[[], bytes] | None = None,
+        info: Callable[[], dict[str, str]] | None = None,
     ):
         self.web_root = web_root.resolve() if web_root is not None else None
         self.ready = ready
         self.metrics = metrics
+        self.info = info
 
     def respond(self, request: Request) -> Response:
         path = request.path.split("?", 1)[0]
@@ -90,6 +93,10 @@ class HttpResponder:
             return _response(
                 http.HTTPStatus.SERVICE_UNAVAILABLE, f"not ready: {reason}\n".encode(), "text/plain; charset=utf-8"
             )
+        if path == "/info.json" and self.info is not None:
+            # What the page may know about the gateway: never hosts, ports, users or URLs.
+            body = json.dumps(self.info()).encode()
+            return _response(http.HTTPStatus.OK, body, "application/json")
         if path == "/metrics" and self.metrics is not None:
             return _response(http.HTTPStatus.OK, self.metrics(), "text/plain; version=0.0.4; charset=utf-8")
         if path == "/ws":
