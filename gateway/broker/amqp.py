@@ -657,11 +657,12 @@ class AmqpChannel(Channel):
         if ch.is_closed:
             result.set_exception(ChannelClosed())
             return result
-        try:
-            check_names(exchange_name=exchange, routing_key=routing_key)
-        except BrokerError as error:
-            result.set_exception(error)
-            return result
+        if len(exchange) > 63 or len(routing_key) > 63:  # could be over 255 bytes of UTF-8
+            try:
+                check_names(exchange_name=exchange, routing_key=routing_key)
+            except BrokerError as error:
+                result.set_exception(error)
+                return result
         self._pooled.last_owner = self.owner
         try:
             header = ContentHeader(properties=_to_properties(properties), body_size=len(body))
