@@ -494,6 +494,12 @@ class AmqpChannel(Channel):
             return
         exc = None if future.cancelled() else future.exception()
         error = _broker_error(exc) if exc is not None else ChannelClosed("channel closed by the broker")
+        if not self._pooled.is_open and not isinstance(error, BrokerUnavailable):
+            # The connection went (aiormq closes its channels with a bare Exception): say that, not
+            # "channel closed".
+            error = BrokerUnavailable(
+                "the connection to the message broker was lost", detail=f"AMQP connection lost: {exc!r}"
+            )
         self.on_close(error)
 
     @property
@@ -871,6 +877,18 @@ class _Pooled:
         if self.closed_by_us:
             return
         exc = None if future.cancelled() else future.exception()
+        text = str(exc.args[0]) if exc is not None and exc.args and exc.args[0] is not None else ""
+        match = _REPLY.match(text)
+        if match is None or match.group(1) not in _CONNECTION_REPLY_CODES:
+            logger.warning(
+                "lost a shared AMQP connection (user %r, vhost %r, %d session channels on it) without a "
+                "connection.close from RabbitMQ: the network or the node went away (%r)",
+                self.principal.login,
+                self.principal.vhost,
+                self.channels,
+                exc,
+            )
+            return
         logger.warning(
             "RabbitMQ closed a shared AMQP connection (user %r, vhost %r, %d session channels on it): %s; "
             "the last frame on it came from %s",

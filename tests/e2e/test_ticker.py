@@ -7,15 +7,18 @@ own WebSocket (see there).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
+import threading
 import time
 
 import pytest
 from playwright.sync_api import BrowserContext, Locator, Page, expect
 
-from tests.e2e.conftest import ARTIFACTS, ROOT, GatewayProcess
+from tests.e2e.conftest import ARTIFACTS, ROOT, GatewayProcess, Process, _gateway_env, free_port
+from tests.tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.e2e
 
@@ -376,3 +379,66 @@ def test_error_frame_is_shown_to_the_user(page: Page, gateway: GatewayProcess) -
     expect(banner).to_be_hidden(timeout=1_000)  # the connection is back: the banner goes by itself
     page.wait_for_timeout(1_000)
     wait_for_price_change(page, timeout_s=3.0)
+
+
+# --- the broker lost behind the gateway ----------------------------------------------------------------
+
+
+class ThreadedProxy:
+    """tests/tcp_proxy.py's cuttable proxy, on an event loop of its own (these tests are synchronous)."""
+
+    def __init__(self, port: int) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.proxy = TcpProxy("127.0.0.1", port)
+        self._call(self.proxy.start())
+
+    def _call(self, coroutine: object) -> None:
+        asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(10)  # type: ignore[arg-type]
+
+    def cut(self) -> None:
+        self._call(self.proxy.cut())
+
+    def restore(self) -> None:
+        self._call(self.proxy.restore())
+
+    def close(self) -> None:
+        self._call(self.proxy.cut())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+def test_broker_outage_is_told_in_plain_words_and_cleared_on_recovery(
+    page: Page, rabbitmq: str, stock_daemon: Process
+) -> None:
+    proxy = ThreadedProxy(5672)
+    url = rabbitmq.replace(":5672", f":{proxy.proxy.port}")
+    gw = GatewayProcess("gateway-proxied", free_port(), ["--amqp-url", url], env=_gateway_env())
+    try:
+        gw.start()
+        open_ticker(page, gw.url)
+        status = page.locator("#status")
+        banner = page.locator("#error-banner")
+        expect(status).to_have_text("Online", timeout=1_000)
+        expect(banner).to_be_hidden()
+
+        proxy.cut()
+        expect(banner).to_be_visible(timeout=5_000)
+        expect(page.locator("#error-message")).to_have_text(
+            "The price feed is unavailable right now. The page reconnects by itself.", timeout=1_000
+        )
+        text = banner.text_content() or ""
+        for internal in ("127.0.0.1", str(proxy.proxy.port), "guest", "amqp", "Exception"):
+            assert internal not in text, text
+        expect(status).to_have_text("Reconnecting…", timeout=3_000)
+        expect(page.locator("#stale-note")).to_contain_text("prices as of")
+
+        proxy.restore()
+        expect(status).to_have_text("Online", timeout=25_000)
+        expect(banner).to_be_hidden(timeout=1_000)
+        page.wait_for_timeout(1_000)
+        wait_for_price_change(page, timeout_s=4.0)
+    finally:
+        gw.stop()
+        proxy.close()
