@@ -184,6 +184,8 @@ class StompConnection:
         self._subscribing: set[asyncio.Future[None]] = set()
         self._last_subscribe: asyncio.Future[None] | None = None
         self._own_subscribe_lock = asyncio.Lock()
+        #: subscription key -> releases a shared subscription's messages once its RECEIPT is out
+        self._held_shared: dict[str, Callable[[], None]] = {}
         self._own_channel_lock = asyncio.Lock()
         self._pending: set[asyncio.Future[None]] = set()
         self._background: set[asyncio.Future[Any]] = set()
@@ -508,9 +510,15 @@ class StompConnection:
         transport = self.transport
         loop = self.loop
         limit = self.settings.max_outbound_buffer
+        # Messages that arrive before the SUBSCRIBE's RECEIPT went out wait (RECEIPTs of pipelined
+        # SUBSCRIBEs go out in order, so this one may wait for an earlier, slower one).
+        held: list[MessageTemplate] | None = []
 
         def on_message(template: MessageTemplate) -> None:
             if self._closing:
+                return
+            if held is not None:
+                held.append(template)
                 return
             transport.write_message(template, version, sub_id)
             self.messages_out += 1
@@ -522,6 +530,13 @@ class StompConnection:
             if not self._closing:
                 self._spawn(self._fail(error))
 
+        def start() -> None:
+            nonlocal held
+            waiting, held = held, None
+            for template in waiting or ():
+                on_message(template)
+
+        self._held_shared[subscription.key] = start
         return Sink(on_message, on_error)
 
     async def _start_subscribe(self, action: Subscribe) -> None:
@@ -557,10 +572,13 @@ class StompConnection:
         if isinstance(subscription.handle, _Attached):
             deliverer = subscription.handle.deliverer
             subscription.handle = subscription.handle.consumer_tag
+        start_shared = self._held_shared.pop(subscription.key, None)
         if action.receipt is not None:
             self.send_frame(action.receipt)
         if deliverer is not None:
             deliverer.start()  # messages that raced the receipt go out after it
+        if start_shared is not None:
+            start_shared()
 
     async def _attach(self, subscription: Subscription) -> None:
         """The broker side of a subscription: a shared fan-out group, or a consumer on the session's own

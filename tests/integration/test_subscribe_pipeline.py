@@ -3,6 +3,7 @@ subscription is in place (issue 8). Real RabbitMQ and the embedded broker."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import pytest
@@ -74,3 +75,39 @@ async def test_a_failing_subscribe_in_the_middle(connected: StompClient, unique:
     error = await connected.receive_command("ERROR")
     assert error.get("message") == "not_found" and error.get("receipt-id") == "5"
     await connected.wait_closed()
+
+
+async def test_no_message_before_its_subscribes_receipt(
+    connected: StompClient, unique: str, backdoor: Channel
+) -> None:
+    """While pipelined SUBSCRIBEs wait for earlier RECEIPTs, their messages wait too."""
+    topics = [f"order.{unique}.{i}" for i in range(40)]
+    stop = asyncio.Event()
+
+    async def publish() -> None:
+        while not stop.is_set():
+            for key in topics:
+                await backdoor.publish("amq.topic", key, b"tick", MessageProperties())
+            await asyncio.sleep(0.001)
+
+    publisher = asyncio.create_task(publish())
+    try:
+        await asyncio.sleep(0.05)
+        frames_ = []
+        for i, key in enumerate(topics):  # own-channel /queue SUBSCRIBEs in between slow the chain down
+            frames_.append(frame("SUBSCRIBE", destination=f"/queue/order-{unique}-{i}", id=f"q{i}", receipt=f"q{i}"))
+            frames_.append(frame("SUBSCRIBE", destination=f"/topic/{key}", id=f"t{i}", receipt=f"t{i}"))
+        await connected.send(b"".join(f.serialize("1.2") for f in frames_))
+        receipted: set[str] = set()
+        while len(receipted) < len(frames_):
+            f = await connected.receive(timeout=30)
+            if f.command == "RECEIPT":
+                receipted.add(f.get("receipt-id") or "")
+            else:
+                assert f.command == "MESSAGE", f
+                assert f.get("subscription") in receipted, f"MESSAGE for {f.get('subscription')} before its RECEIPT"
+    finally:
+        stop.set()
+        await publisher
+        for i in range(len(topics)):
+            await backdoor.delete_queue(f"order-{unique}-{i}")
