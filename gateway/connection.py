@@ -1,4 +1,4 @@
-"""One client connection: runs its session's actions against the broker and writes frames out.
+"""One client connection: drives its session, runs the session's actions against the broker, writes frames out.
 
 The transport adapters (:mod:`gateway.transport.websocket`, :mod:`gateway.transport.tcp`) feed bytes in
 with :meth:`StompConnection.receive_data` and call :meth:`StompConnection.connection_lost` at the end;
@@ -17,27 +17,27 @@ from collections.abc import Callable
 from typing import Any
 
 from gateway import metrics
-from gateway.broker.base import Broker, BrokerError, Channel, ChannelClosed, Delivery, PublishNacked
+from gateway.broker.base import Broker, BrokerError, Channel, ChannelClosed, Delivery
 from gateway.fanout import FanoutRegistry, Sink
 from gateway.metrics import TALLY
-from gateway.stomp.frames import Frame, FrameParser, Limits, ProtocolError
+from gateway.stomp.frames import Frame, Limits, ProtocolError
 from gateway.stomp.session import (
     Ack,
     Action,
     Authenticate,
     Barrier,
     Close,
+    Connected,
     Disconnect,
-    MessageTemplate,
     Publish,
     SendFrame,
     Session,
     SessionSettings,
-    State,
     Subscribe,
     Subscription,
     Unsubscribe,
 )
+from gateway.stomp.writer import MessageTemplate, is_text, serialize
 
 __all__ = ["Backlog", "ConnectionSettings", "StompConnection", "Transport"]
 
@@ -60,7 +60,8 @@ class Transport(abc.ABC):
         """Queue one serialized frame for sending (never blocks). ``text`` says the frame is valid UTF-8."""
 
     def write_message(self, template: MessageTemplate, version: str, subscription: str | None) -> None:
-        """Write a fanned-out MESSAGE; transports may cache their framing of it in ``template.wire``."""
+        """Write a fanned-out MESSAGE (the same template goes to every session of the group in a row;
+        a transport may keep its own cache of how it framed it)."""
         self.write(template.render(version, subscription), template.is_text)
 
     def authenticated(self) -> None:  # noqa: B027 - only transports with their own size limits care
@@ -143,7 +144,14 @@ class ConnectionSettings:
 
 
 class StompConnection:
-    """Drives one :class:`Session` over one :class:`Transport`."""
+    """Drives one :class:`Session` over one :class:`Transport`: feeds it the client's bytes and what the
+    broker, the timers and the transport report, and runs the actions it returns. It decides nothing a
+    client can see: every frame it writes comes from the session (or is a delivery the session rendered).
+
+    Its own state is the broker side: the session's channel, the typed record of each subscription's
+    attachment (:class:`_Consumer` or :class:`_Shared`), the reply queues behind ``/temp-queue`` names, the
+    publishes waiting for confirms, the timers.
+    """
 
     def __init__(
         self,
@@ -159,8 +167,7 @@ class StompConnection:
         self.registry = registry
         self.settings = settings
         self.peer = peer
-        self.session = Session(settings.session)
-        self.parser = FrameParser(settings.limits)
+        self.session = Session(settings.session, limits=settings.limits)
         self.loop = asyncio.get_running_loop()
         self.last_received = self.last_sent = self.loop.time()
         self.closed = asyncio.Event()
@@ -180,12 +187,13 @@ class StompConnection:
         self._exclusive_queues: set[str] = set()
         self._receiving = False
         self._confirming = False
-        self._temp_queues: dict[str, str] = {}
+        #: id(subscription) -> how its broker side is attached (the attachment keeps the subscription alive)
+        self._attachments: dict[int, _Consumer | _Shared] = {}
+        #: ``/temp-queue/...`` name -> the broker's name of its reply queue (on the current channel)
+        self._reply_queues: dict[str, str] = {}
         self._subscribing: set[asyncio.Future[None]] = set()
         self._last_subscribe: asyncio.Future[None] | None = None
         self._own_subscribe_lock = asyncio.Lock()
-        #: subscription key -> releases a shared subscription's messages once its RECEIPT is out
-        self._held_shared: dict[str, Callable[[], None]] = {}
         self._own_channel_lock = asyncio.Lock()
         self._pending: set[asyncio.Future[None]] = set()
         self._background: set[asyncio.Future[Any]] = set()
@@ -195,7 +203,7 @@ class StompConnection:
     # -- input ------------------------------------------------------------------------------------------
 
     async def receive_data(self, data: bytes) -> None:
-        """Parse bytes from the client and handle the frames, in order.
+        """Hand bytes from the client to the session and handle the frames they complete, in order.
 
         Returns when their broker operations have been started (publishes are not awaited: confirms
         run in the background), so the transport reads no further while the broker is behind.
@@ -204,42 +212,37 @@ class StompConnection:
             return
         self.last_received = self.loop.time()
         TALLY.bytes_received += len(data)
-        try:
-            frames = self.parser.receive_data(data, YIELD_EVERY)
-        except ProtocolError as error:
-            await self._run(self.session.fail(error))
-            return
+        session = self.session
+        session.receive_data(data)
         self._receiving = True  # the client is not silent while its frames wait for the broker
+        handled = 0
         try:
-            while frames:
-                self.frames_in += len(frames)
-                received = TALLY.frames_received
-                for frame in frames:
-                    received[frame.command] += 1
+            while not self._closing:
+                try:
+                    frame = session.next_frame()
+                except ProtocolError as error:  # after the good frames before the bad input
+                    await self._run(session.fail(error))
+                    return
+                if frame is None:
+                    return
+                if handled == YIELD_EVERY:
+                    # One client's burst (thousands of frames in one message) is handled a slice at a
+                    # time, and other connections run in between. A message of a few frames costs no extra
+                    # pass of the event loop: that would split the deliveries it causes into more, smaller
+                    # writes to every subscriber.
+                    handled = 0
+                    await asyncio.sleep(0)
                     if self._closing:
                         return
-                    if self.debug:
-                        logger.debug("%s > %s %s", self.peer, frame.command, frame.headers)
-                    await self._run(self.session.receive_frame(frame))
-                if self.parser.error is not None or self._closing or len(frames) < YIELD_EVERY:
-                    break  # (a short slice: nothing complete is left in the parser)
-                # One client's burst (thousands of frames in one message) is parsed and handled a slice
-                # at a time, and other connections run in between. A message of a few frames costs no
-                # extra pass of the event loop: that would split the deliveries it causes into more,
-                # smaller writes to every subscriber.
-                await asyncio.sleep(0)
-                try:
-                    frames = self.parser.receive_data(b"", YIELD_EVERY)
-                except ProtocolError as error:
-                    await self._run(self.session.fail(error))
-                    return
-            if self.parser.error is not None and not self._closing:  # after the good frames before it
-                await self._run(self.session.fail(self.parser.error))
+                handled += 1
+                self.frames_in += 1
+                TALLY.frames_received[frame.command] += 1
+                if self.debug:
+                    logger.debug("%s > %s %s", self.peer, frame.command, frame.headers)
+                await self._run(session.receive_frame(frame))
         except Exception:
-            logger.exception("session %s failed", self.session.id)
-            await self._run(
-                self.session.fail(ProtocolError("Internal error", "The gateway failed; see its log.\n"))
-            )
+            logger.exception("session %s failed", session.id)
+            await self._run(session.internal_error())
         finally:
             self._receiving = False
             self.last_received = self.loop.time()
@@ -250,7 +253,7 @@ class StompConnection:
             self.close_reason = "connection closed by the client"
         if not self._closing:
             self._closing = True
-            self.session.state = State.CLOSED
+            self.session.connection_lost()
         await self._cleanup()
 
     # -- processing -------------------------------------------------------------------------------------
@@ -277,6 +280,8 @@ class StompConnection:
                 await self._unsubscribe(action)
             elif isinstance(action, Authenticate):
                 await self._authenticate(action)
+            elif isinstance(action, Connected):
+                self._connected(action)
             elif isinstance(action, Barrier):
                 self._spawn(self._barrier(action.receipt, list(self._pending)))
             elif isinstance(action, Disconnect):
@@ -286,6 +291,15 @@ class StompConnection:
             if self._closing:
                 return
 
+    def _react(self, actions: list[Action]) -> None:
+        """Run the session's answer to an outcome observed in a callback: frames go out now, anything else
+        (a close) in the background, in order behind earlier actions."""
+        if all(type(action) is SendFrame for action in actions):
+            for action in actions:
+                self.send_frame(action.frame)  # type: ignore[union-attr]
+        else:
+            self._spawn(self._run(actions))
+
     async def _fail(self, error: BrokerError, receipt: Frame | None = None, *, in_order: bool = True) -> None:
         await self._run(self.session.broker_failed(error, receipt), in_order=in_order)
 
@@ -294,13 +308,8 @@ class StompConnection:
     def send_frame(self, frame: Frame) -> None:
         self.frames_out += 1
         TALLY.frames_sent[frame.command] += 1
-        data = frame.serialize(self.session.version)
-        try:
-            data.decode("utf-8")
-            text = True
-        except UnicodeDecodeError:
-            text = False
-        self._write(data, text)
+        data = serialize(frame, self.session.version)
+        self._write(data, is_text(data))
 
     def _write(self, data: bytes, text: bool) -> None:
         if self._closing:
@@ -312,20 +321,14 @@ class StompConnection:
             self._slow_client()
 
     def _slow_client(self) -> None:
-        if self.session.state is State.CLOSED:
+        actions = self.session.slow_consumer(self.settings.max_outbound_buffer)
+        if not actions:
             return  # already on its way out
         metrics.SLOW_CLIENTS.inc()
-        limit = self.settings.max_outbound_buffer
-        error = ProtocolError(
-            "Slow consumer",
-            f"The client fell more than {limit} bytes behind the message it is receiving (setting "
-            "--max-outbound-buffer); "
-            "unacknowledged messages go back to their queues.\n",
-        )
         logger.warning(
             "%s: disconnecting slow client (%d bytes buffered)", self.peer, self.transport.buffered
         )
-        self._spawn(self._run(self.session.fail(error)))
+        self._spawn(self._run(actions))
 
     def _spawn(self, coro: Any) -> None:
         """Run ``coro`` in the background, keeping a reference until it ends."""
@@ -337,15 +340,8 @@ class StompConnection:
 
     async def _login_timer(self) -> None:
         await asyncio.sleep(self.settings.login_timeout)
-        if self.session.state in (State.CONNECTING, State.AUTHENTICATING) and not self._closing:
-            await self._run(
-                self.session.fail(
-                    ProtocolError(
-                        "Login timeout",
-                        f"No successful CONNECT within {self.settings.login_timeout:g} s (setting --login-timeout)\n",
-                    )
-                )
-            )
+        if not self._closing:
+            await self._run(self.session.login_timed_out(self.settings.login_timeout))
 
     async def _heartbeats(self, send_every: int, expect_every: int) -> None:
         intervals = [i for i in (send_every, expect_every) if i]
@@ -357,14 +353,7 @@ class StompConnection:
                 self.transport.write_heartbeat()
                 self.last_sent = now
             if expect_every and not self._receiving and now - self.last_received > 2 * expect_every / 1000:
-                await self._run(
-                    self.session.fail(
-                        ProtocolError(
-                            "Heart-beat timeout",
-                            f"Nothing received for {2 * expect_every} ms (two heart-beat intervals)\n",
-                        )
-                    )
-                )
+                await self._run(self.session.heartbeat_timed_out())
                 return
 
     # -- CONNECT ----------------------------------------------------------------------------------------
@@ -376,32 +365,18 @@ class StompConnection:
             metrics.LOGIN_FAILURES.inc()
             await self._fail(error)
             return
-        if self._closing:
-            return
+        if not self._closing:
+            await self._run(self.session.authenticated())
+
+    def _connected(self, action: Connected) -> None:
         if self._login_task is not asyncio.current_task():
             self._login_task.cancel()
-        self.parser.version = self.session.version
-        self.parser.authenticated = True
         self.transport.authenticated()
-        # The parser held back whatever the client pipelined behind CONNECT; decode it now, for the
-        # negotiated version, before any later bytes.
-        try:
-            pipelined = self.parser.receive_data(b"")
-        except ProtocolError as error:
-            await self._run(self.session.fail(error))
-            return
-        await self._run(self.session.authenticated())
-        if self.session.state is State.CONNECTED:
-            self._session_gauge.dec()
-            self._session_gauge = metrics.SESSIONS.labels("connected", self.session.version)
-            self._session_gauge.inc()
-        send_every, expect_every = self.session.heartbeat
-        if send_every or expect_every:
-            self._tasks.append(asyncio.create_task(self._heartbeats(send_every, expect_every)))
-        for frame in pipelined:
-            if self._closing:
-                return
-            await self._run(self.session.receive_frame(frame))
+        self._session_gauge.dec()
+        self._session_gauge = metrics.SESSIONS.labels("connected", action.version)
+        self._session_gauge.inc()
+        if action.send_every or action.expect_every:
+            self._tasks.append(asyncio.create_task(self._heartbeats(action.send_every, action.expect_every)))
 
     async def _own_channel(self) -> Channel:
         if self._channel is not None and self._channel.is_open:
@@ -415,13 +390,13 @@ class StompConnection:
                 self._channel = channel
                 self._channel.on_close = self._channel_closed
                 self._declared.clear()
-                self._temp_queues.clear()
+                self._reply_queues.clear()
                 self._confirming = False
             return self._channel
 
     def _channel_closed(self, error: BrokerError) -> None:
         if not self._closing:
-            self._spawn(self._fail(error))
+            self._react(self.session.broker_failed(error))
 
     # -- SEND -------------------------------------------------------------------------------------------
 
@@ -440,8 +415,8 @@ class StompConnection:
                 self._declared.add(declaration.name)
                 if declaration.exclusive:
                     self._exclusive_queues.add(declaration.name)
-            if action.temp_queue is not None:
-                action.properties.reply_to = await self._temp_queue(channel, action.temp_queue)
+            if action.temp_queue is not None and action.reply_subscription is not None:
+                action.properties.reply_to = await self._reply_queue(channel, action.reply_subscription)
             if (action.receipt is not None or action.confirm) and not self._confirming:
                 await channel.enable_confirms()
                 self._confirming = True
@@ -464,54 +439,40 @@ class StompConnection:
             return
         error = future.exception() if not future.cancelled() else ChannelClosed()
         if error is None:
-            if receipt is not None:
-                self.send_frame(receipt)
-            return
-        if isinstance(error, PublishNacked):
-            receipt_id = receipt.get("receipt-id") if receipt is not None else None
-            detail = "The broker did not accept a message (basic.nack)"
-            if receipt_id is not None:
-                detail += f" sent with receipt '{receipt_id}'"
-            self._spawn(
-                self._run(
-                    self.session.fail(ProtocolError("Message rejected", detail + "\n", receipt_id=receipt_id))
-                )
-            )
+            self._react(self.session.publish_confirmed(receipt))
         elif isinstance(error, BrokerError):
-            self._spawn(self._fail(error, receipt))
+            self._react(self.session.publish_failed(error, receipt))
 
-    async def _temp_queue(self, channel: Channel, name: str) -> str:
-        queue = self._temp_queues.get(name)
+    async def _reply_queue(self, channel: Channel, subscription: Subscription) -> str:
+        """The broker queue behind a ``/temp-queue`` name: declared and consumed on first use."""
+        queue = self._reply_queues.get(subscription.key)
         if queue is not None:
             return queue
-        queue = await channel.declare_queue("", exclusive=True, auto_delete=True)
-        subscription = Subscription(
-            key=name,
-            id=name,
-            destination=None,  # type: ignore[arg-type]
-            ack="auto",
-            plan=None,  # type: ignore[arg-type]
-            prefetch_count=None,
-            consumer_tag="T_" + name,
+        declaration = subscription.plan.declaration
+        assert declaration is not None  # temp_queue_plan() declares a server-named queue
+        queue = await channel.declare_queue(
+            declaration.name,
+            durable=declaration.durable,
+            exclusive=declaration.exclusive,
+            auto_delete=declaration.auto_delete,
         )
         deliverer = _Deliverer(self, subscription)
-        await channel.consume(queue, deliverer, no_ack=True, consumer_tag="T_" + name)
+        await channel.consume(queue, deliverer, no_ack=True, consumer_tag=subscription.consumer_tag)
         deliverer.start()
-        self._temp_queues[name] = queue
+        self._reply_queues[subscription.key] = queue
         return queue
 
     # -- SUBSCRIBE / UNSUBSCRIBE ------------------------------------------------------------------------
 
-    def _shared_deliverer(self, subscription: Subscription) -> Sink:
-        session = self.session
-        version = session.version
+    def _shared_sink(self, subscription: Subscription) -> tuple[Sink, Callable[[], None]]:
+        """A session's end of a shared subscription, and the call that releases the messages that arrive
+        before the SUBSCRIBE's RECEIPT went out (RECEIPTs of pipelined SUBSCRIBEs go out in order, so this
+        one may wait for an earlier, slower one)."""
+        version = self.session.version
         sub_id = subscription.id
-
         transport = self.transport
         loop = self.loop
         limit = self.settings.max_outbound_buffer
-        # Messages that arrive before the SUBSCRIBE's RECEIPT went out wait (RECEIPTs of pipelined
-        # SUBSCRIBEs go out in order, so this one may wait for an earlier, slower one).
         held: list[MessageTemplate] | None = []
 
         def on_message(template: MessageTemplate) -> None:
@@ -528,16 +489,15 @@ class StompConnection:
 
         def on_error(error: BrokerError) -> None:
             if not self._closing:
-                self._spawn(self._fail(error))
+                self._react(self.session.broker_failed(error))
 
-        def start() -> None:
+        def release() -> None:
             nonlocal held
             waiting, held = held, None
             for template in waiting or ():
                 on_message(template)
 
-        self._held_shared[subscription.key] = start
-        return Sink(on_message, on_error)
+        return Sink(on_message, on_error), release
 
     async def _start_subscribe(self, action: Subscribe) -> None:
         """Start a SUBSCRIBE's broker work now; its RECEIPT follows the RECEIPTs before it."""
@@ -556,10 +516,10 @@ class StompConnection:
 
     async def _subscribe(self, action: Subscribe, previous: asyncio.Future[None] | None) -> None:
         subscription = action.subscription
-        deliverer: _Deliverer | None = None
+        attachment: _Consumer | _Shared | None = None
         failure: BrokerError | None = None
         try:
-            await self._attach(subscription)
+            attachment = await self._attach(subscription)
         except BrokerError as error:
             failure = error
         if previous is not None and not previous.done():
@@ -569,28 +529,25 @@ class StompConnection:
         if failure is not None:
             await self._fail(failure, action.receipt, in_order=False)
             return
-        if isinstance(subscription.handle, _Attached):
-            deliverer = subscription.handle.deliverer
-            subscription.handle = subscription.handle.consumer_tag
-        start_shared = self._held_shared.pop(subscription.key, None)
         if action.receipt is not None:
             self.send_frame(action.receipt)
-        if deliverer is not None:
-            deliverer.start()  # messages that raced the receipt go out after it
-        if start_shared is not None:
-            start_shared()
+        if attachment is not None:
+            attachment.start()  # messages that raced the receipt go out after it
 
-    async def _attach(self, subscription: Subscription) -> None:
+    async def _attach(self, subscription: Subscription) -> _Consumer | _Shared | None:
         """The broker side of a subscription: a shared fan-out group, or a consumer on the session's own
-        channel (one at a time: the channel's prefetch setting applies to the next consumer)."""
+        channel (one at a time: the channel's prefetch setting applies to the next consumer). Recorded at
+        once, so that a session ending meanwhile releases it."""
         plan = subscription.plan
         if subscription.shared and plan.exchange is not None:
-            sink = self._shared_deliverer(subscription)
-            await self.registry.hub_for(self._principal).attach(plan.exchange, plan.binding_key, sink)
-            subscription.handle = sink
-            if self._closing or subscription.key not in self.session.subscriptions:
-                await self.registry.hub_for(self._principal).detach(sink)
-            return
+            sink, release = self._shared_sink(subscription)
+            hub = self.registry.hub_for(self._principal)
+            await hub.attach(plan.exchange, plan.binding_key, sink)
+            if self._closing:
+                await hub.detach(sink)
+                return None
+            shared = self._attachments[id(subscription)] = _Shared(subscription, sink, release)
+            return shared
         async with self._own_subscribe_lock:
             channel = await self._own_channel()
             queue = plan.queue
@@ -618,17 +575,18 @@ class StompConnection:
                 consumer_tag=subscription.consumer_tag,
                 arguments=subscription.consumer_arguments,
             )
-            subscription.handle = _Attached(tag, deliverer)
+            consumer = self._attachments[id(subscription)] = _Consumer(subscription, tag, deliverer)
+            return consumer
 
     async def _unsubscribe(self, action: Unsubscribe) -> None:
         subscription = action.subscription
-        handle = subscription.handle
-        subscription.handle = False
+        attachment = self._attachments.pop(id(subscription), None)
         try:
-            if isinstance(handle, Sink):
-                await self.registry.hub_for(self._principal).detach(handle)
-            elif isinstance(handle, str) and self._channel is not None:
-                await self._channel.cancel(handle)
+            if isinstance(attachment, _Shared):
+                await self.registry.hub_for(self._principal).detach(attachment.sink)
+            elif isinstance(attachment, _Consumer) and self._channel is not None:
+                attachment.deliverer.active = False  # what still arrives goes back (client modes)
+                await self._channel.cancel(attachment.consumer_tag)
                 for tag in subscription.pending.values():
                     self._channel.nack(tag, requeue=True)
                 subscription.pending.clear()
@@ -660,7 +618,7 @@ class StompConnection:
         if pending:
             await asyncio.wait(pending)
         if not self._closing and all(not f.cancelled() and f.exception() is None for f in pending):
-            self.send_frame(receipt)  # a failed publish was reported with an ERROR instead
+            self._react(self.session.publish_confirmed(receipt))  # a failed one was reported with an ERROR
 
     def _log_end(self) -> None:
         session = self.session
@@ -712,7 +670,7 @@ class StompConnection:
         elif self.close_reason == "open":
             self.close_reason = "closed by the gateway"
         self._closing = True
-        self.session.state = State.CLOSED
+        self.session.connection_lost()
         try:
             await asyncio.wait_for(self.transport.drain(), self.settings.close_timeout)
             await asyncio.wait_for(self.transport.close(), self.settings.close_timeout)
@@ -730,11 +688,12 @@ class StompConnection:
         for task in self._tasks:
             if task is not current:
                 task.cancel()
-        for subscription in list(self.session.subscriptions.values()):
-            if isinstance(subscription.handle, Sink):
+        attachments = list(self._attachments.values())
+        self._attachments.clear()
+        for attachment in attachments:
+            if isinstance(attachment, _Shared):
                 with contextlib.suppress(BrokerError):
-                    await self.registry.hub_for(self._principal).detach(subscription.handle)
-        self.session.subscriptions.clear()
+                    await self.registry.hub_for(self._principal).detach(attachment.sink)
         for future in list(self._pending):
             future.cancel()
         if self._channel is not None:
@@ -759,26 +718,45 @@ class StompConnection:
             await channel.close()
 
 
-class _Attached:
-    """A consumer of the session's own channel whose SUBSCRIBE is not receipted yet."""
+class _Consumer:
+    """A subscription attached as a consumer on the session's own channel."""
 
-    __slots__ = ("consumer_tag", "deliverer")
+    __slots__ = ("consumer_tag", "deliverer", "subscription")
 
-    def __init__(self, consumer_tag: str, deliverer: _Deliverer) -> None:
+    def __init__(self, subscription: Subscription, consumer_tag: str, deliverer: _Deliverer) -> None:
+        self.subscription = subscription
         self.consumer_tag = consumer_tag
         self.deliverer = deliverer
+
+    def start(self) -> None:
+        self.deliverer.start()
+
+
+class _Shared:
+    """A subscription attached to a shared fan-out group through ``sink``; ``start`` releases the messages
+    held until its RECEIPT went out."""
+
+    __slots__ = ("sink", "start", "subscription")
+
+    def __init__(self, subscription: Subscription, sink: Sink, start: Callable[[], None]) -> None:
+        self.subscription = subscription
+        self.sink = sink
+        self.start = start
 
 
 class _Deliverer:
     """Delivery callback of a session's own consumer. Holds deliveries back until :meth:`start` (after the
-    SUBSCRIBE's RECEIPT went out), so a client never sees a MESSAGE before the RECEIPT of its SUBSCRIBE."""
+    SUBSCRIBE's RECEIPT went out), so a client never sees a MESSAGE before the RECEIPT of its SUBSCRIBE.
+    Once the subscription is cancelled (``active`` False), client-mode deliveries still arriving go back
+    to their queue."""
 
-    __slots__ = ("connection", "held", "subscription")
+    __slots__ = ("active", "connection", "held", "subscription")
 
     def __init__(self, connection: StompConnection, subscription: Subscription) -> None:
         self.connection = connection
         self.subscription = subscription
         self.held: list[Delivery] | None = []
+        self.active = True
 
     def start(self) -> None:
         held, self.held = self.held, None
@@ -793,7 +771,7 @@ class _Deliverer:
             self.held.append(delivery)
             return
         subscription = self.subscription
-        if subscription.handle is False:  # unsubscribed: give client-mode messages back
+        if not self.active:
             if subscription.ack != "auto" and connection._channel is not None:
                 connection._channel.nack(delivery.delivery_tag, requeue=True)
             return

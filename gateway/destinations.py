@@ -65,6 +65,7 @@ __all__ = [
     "routing_pair",
     "send_declaration",
     "subscription_plan",
+    "temp_queue_plan",
 ]
 
 # Destination kinds: RabbitMQ's endpoint atoms, so error bodies read the same
@@ -492,6 +493,14 @@ def subscription_plan(
     if kind in (AMQQUEUE, REPLY_QUEUE):
         return SubscriptionPlan(None, dest.name, None, "", False, False)
     raise _not_valid_for(dest, "SUBSCRIBE")
+
+
+def temp_queue_plan() -> SubscriptionPlan:
+    """The queue behind a ``/temp-queue/T`` used in ``reply-to`` (b.2): a server-named, exclusive,
+    auto-delete queue, consumed by the session that named it, bound to nothing (replies come through the
+    default exchange)."""
+    declaration = QueueDeclaration("", durable=False, exclusive=True, auto_delete=True)
+    return SubscriptionPlan(declaration, "", None, "", False, False)
 
 
 def durable_unsubscribe_queue(dest: Destination, headers: Mapping[str, str], sub_id: str) -> str | None:

@@ -3,7 +3,7 @@
 Non-durable, unnamed ``/topic`` and ``/exchange`` subscriptions with ``ack:auto`` carry no per-session
 broker state, so sessions that share a broker connection (a :class:`FanoutHub` per
 ``Broker.shared_key``) also share one auto-delete queue per binding. Each delivery becomes one
-:class:`~gateway.stomp.session.MessageTemplate`, serialized once; every subscribed session only prepends
+:class:`~gateway.stomp.writer.MessageTemplate`, serialized once; every subscribed session only prepends
 its ``subscription`` header.
 """
 
@@ -22,7 +22,8 @@ from typing import Any
 from gateway import metrics
 from gateway.broker.base import Broker, BrokerError, Channel, ChannelClosed, Delivery
 from gateway.metrics import TALLY
-from gateway.stomp.session import MessageTemplate
+from gateway.headers import delivery_headers
+from gateway.stomp.writer import MessageTemplate
 
 __all__ = ["FanoutHub", "FanoutRegistry", "Sink"]
 
@@ -62,8 +63,8 @@ class _Group:
     def deliver(self, delivery: Delivery) -> None:
         started = time.perf_counter()
         self.count += 1
-        template = MessageTemplate.from_delivery(
-            delivery, f"{self.prefix}{self.count}", self.hub.topic_exchange
+        template = MessageTemplate(
+            delivery_headers(delivery, f"{self.prefix}{self.count}", self.hub.topic_exchange), delivery.body
         )
         sinks = list(self.sinks)
         for sink in sinks:

@@ -25,12 +25,14 @@ from collections.abc import Sequence
 from decimal import Decimal
 from typing import Any
 
-from gateway.broker.base import MessageProperties
+from gateway.broker.base import Delivery, MessageProperties
+from gateway.destinations import format_destination
 from gateway.stomp.frames import ProtocolError
 
 __all__ = [
     "DELIVERY_HEADERS",
     "NOT_FORWARDED_ON_SEND",
+    "delivery_headers",
     "header_text",
     "message_headers",
     "properties_from_send",
@@ -288,3 +290,15 @@ def message_headers(props: MessageProperties) -> list[tuple[str, str]]:
                 continue
             append((name, value if type(value) is str else header_text(value)))
     return out
+
+
+def delivery_headers(delivery: Delivery, message_id: str, topic_exchange: str) -> list[tuple[str, str]]:
+    """Every header of the MESSAGE for ``delivery`` but ``subscription`` and ``ack`` (which are per session):
+    ``destination``, ``message-id``, ``redelivered``, then :func:`message_headers`."""
+    headers = [
+        ("destination", format_destination(delivery.exchange, delivery.routing_key, topic_exchange)),
+        ("message-id", message_id),
+        ("redelivered", "true" if delivery.redelivered else "false"),
+    ]
+    headers.extend(message_headers(delivery.properties))
+    return headers

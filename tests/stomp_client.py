@@ -61,7 +61,8 @@ class StompClient:
                 if data.strip(b"\r\n") == b"":
                     self.heartbeats += 1
                     continue
-                for parsed in self.parser.receive_data(data):
+                self.parser.receive_data(data)
+                while (parsed := self.parser.next_frame()) is not None:
                     await self.frames.put(parsed)
         except (ConnectionClosed, ConnectionError, asyncio.CancelledError):
             pass

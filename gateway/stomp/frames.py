@@ -1,7 +1,7 @@
 """STOMP 1.0/1.1/1.2 frame codec, sans-I/O.
 
-Bytes go in, :class:`Frame` values come out (:class:`FrameParser`); frames go in, bytes come out
-(:meth:`Frame.serialize`). Nothing here does I/O, logging or time: the transport feeds whatever chunks it
+Bytes go in, :class:`Frame` values come out, one per :meth:`FrameParser.next_frame` call. Frames go out
+through :mod:`gateway.stomp.writer`, the one serializer. Nothing here does I/O, logging or time: the transport feeds whatever chunks it
 received and writes whatever bytes it is given.
 
 Wire format (STOMP 1.2 "Augmented BNF", accepted for every version)::
@@ -15,7 +15,7 @@ Wire format (STOMP 1.2 "Augmented BNF", accepted for every version)::
 * Header escaping depends on the negotiated version and is never applied to CONNECT, STOMP and CONNECTED
   frames (spec: "CONNECT and CONNECTED frames do not escape").
 * Every malformed input and every exceeded limit raises :class:`ProtocolError`, which carries the ERROR
-  frame to send before closing. No other exception leaves :meth:`FrameParser.receive_data`.
+  frame to send before closing. No other exception leaves :meth:`FrameParser.next_frame`.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 __all__ = [
     "DEFAULT_LIMITS",
     "SUPPORTED_VERSIONS_TEXT",
+    "UNESCAPED_COMMANDS",
     "VERSIONS",
     "Frame",
     "FrameParser",
@@ -39,7 +40,7 @@ VERSIONS: tuple[str, ...] = ("1.0", "1.1", "1.2")
 SUPPORTED_VERSIONS_TEXT = "1.0,1.1,1.2"
 
 # Frames whose headers are never escaped (STOMP 1.2 "Value Encoding").
-_UNESCAPED_COMMANDS = frozenset({"CONNECT", "STOMP", "CONNECTED"})
+UNESCAPED_COMMANDS = frozenset({"CONNECT", "STOMP", "CONNECTED"})
 _ESCAPING_VERSIONS = frozenset({"1.1", "1.2"})
 
 # Heart-beats between frames, and the stray NULs RabbitMQ's parser also skips (``\n\0SUBSCRIBE...``).
@@ -166,8 +167,8 @@ class Frame:
     """One STOMP frame, as a value.
 
     ``headers`` keeps wire order and duplicates; the first occurrence of a name wins (:meth:`get`).
-    Names and values are decoded text (escaping is a wire concern, handled by :meth:`parse` and
-    :meth:`serialize`). ``body`` is raw bytes.
+    Names and values are decoded text (escaping is a wire concern, handled by :class:`FrameParser` and
+    :mod:`gateway.stomp.writer`). ``body`` is raw bytes.
     """
 
     command: str
@@ -190,27 +191,11 @@ class Frame:
         return any(key == name for key, _ in self.headers)
 
     def serialize(self, version: str | None = "1.2") -> bytes:
-        """The wire bytes for ``version``: command, escaped headers, blank line, body, NUL.
+        """The wire bytes for ``version``: see :func:`gateway.stomp.writer.serialize`, the one serializer
+        (here for clients and tests that build frames by hand)."""
+        from gateway.stomp.writer import serialize  # the writer builds on this module
 
-        No EOL follows the NUL (the WebSocket transport sends one frame per message). Any
-        ``content-length`` header in :attr:`headers` is dropped and, for a non-empty body, the true one is
-        written after the other headers. CONNECT, STOMP and CONNECTED headers get only the LF/CR protection
-        of :func:`encode_header_value`, whatever the version.
-        """
-        command = self.command
-        if command in _UNESCAPED_COMMANDS:
-            version = None
-        lines = [command]
-        for name, value in self.headers:
-            if name == "content-length":
-                continue
-            lines.append(f"{encode_header_value(name, version)}:{encode_header_value(value, version)}")
-        body = self.body
-        if body:
-            lines.append(f"content-length:{len(body)}")
-        lines.append("")
-        lines.append("")
-        return b"".join(("\n".join(lines).encode("utf-8"), body, b"\x00"))
+        return serialize(self, version)
 
     @classmethod
     def parse(cls, data: bytes, version: str | None = "1.2") -> Frame:
@@ -222,14 +207,18 @@ class Frame:
         parser = FrameParser(_UNLIMITED)
         parser.version = version
         parser.authenticated = True
-        frames = parser.receive_data(data)
-        if len(frames) != 1:
-            if not frames:
-                raise ProtocolError("Invalid frame", "Incomplete frame")
-            raise ProtocolError("Invalid frame", f"Expected one frame, got {len(frames)}")
-        if parser._buffer:
+        parser.receive_data(data)
+        frame = parser.next_frame()
+        if frame is None:
+            raise ProtocolError("Invalid frame", "Incomplete frame")
+        count = 1
+        while parser.next_frame() is not None:
+            count += 1
+        if count > 1:
+            raise ProtocolError("Invalid frame", f"Expected one frame, got {count}")
+        if parser.buffered:
             raise ProtocolError("Invalid frame", "Trailing data after the frame")
-        return frames[0]
+        return frame
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,30 +239,29 @@ _UNLIMITED = Limits(1 << 62, 1 << 62, 1 << 62, 1 << 62)
 
 
 class FrameParser:
-    """Incremental STOMP parser: feed any split of the byte stream, get whole frames.
+    """Incremental pull parser (the shape of h11's ``next_event``): feed any split of the byte stream with
+    :meth:`receive_data`, then call :meth:`next_frame` until it returns ``None`` ("need more data").
 
-    The session owns two switches: set :attr:`version` ("1.0", "1.1" or "1.2"; it selects header
-    unescaping) and :attr:`authenticated` (it selects the frame-size limit) once CONNECT succeeded.
+    :attr:`version` ("1.0", "1.1" or "1.2"; it selects header unescaping) and :attr:`authenticated` (it
+    selects the frame-size limit) are read by every :meth:`next_frame` call, so whoever owns the parser
+    (the :class:`~gateway.stomp.session.Session`) changes them between frames, and a frame pipelined
+    behind CONNECT is decoded with the negotiated version and limits, with no special case.
 
-    Until then, parsing stops right after a CONNECT or STOMP frame, so that frames the client pipelined
-    behind it are decoded with the negotiated version and limits (RabbitMQ also handles each frame before
-    parsing the next). Those frames stay buffered: **after updating the switches, call**
-    ``receive_data(b"")`` **to get them.**
-
-    Work is linear in the input: a partial frame is never rescanned, whatever the chunking. Limits are
-    checked on every chunk as it arrives, so an oversized frame (or header line, or header count) fails
-    before it completes and a partial frame never grows past the frame-size limit. Frames completed by a
-    chunk that fails later in the same chunk are not returned (the connection is closing anyway).
+    Work is linear in the input: a partial frame is never rescanned, whatever the chunking, and a burst of
+    frames is consumed by advancing an offset (the buffer is compacted once per :meth:`receive_data`).
+    Limits are checked as far as the input arrived, so an oversized frame (or header line, or header count)
+    fails before it completes and a partial frame never grows past the frame-size limit.
     """
 
     def __init__(self, limits: Limits = DEFAULT_LIMITS) -> None:
         self.limits = limits
         self.version: str | None = None
         self.authenticated = False
-        # Unconsumed input. Index 0 is the start of the current partial frame (or of EOLs before it).
-        self._buffer = bytearray()
+        # Unconsumed input starts at ``_pos``. ``bytes`` while it is one received chunk (parsed without a
+        # copy), a bytearray once chunks had to be joined.
+        self._buffer: bytes | bytearray = b""
+        self._pos = 0
         self._error: ProtocolError | None = None
-        self._completed: list[Frame] = []
         self._begin(0)
         self._reset()
 
@@ -298,29 +286,48 @@ class FrameParser:
             return self.limits.max_frame_size
         return self.limits.max_frame_size_unauthenticated
 
-    def receive_data(self, data: bytes, max_frames: int = 0) -> list[Frame]:
-        """Feed the next chunk (possibly empty); return the frames completed by it, in order.
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not yet consumed by a returned frame."""
+        return len(self._buffer) - self._pos
 
-        With ``max_frames`` (> 0) at most that many frames are parsed and returned; the rest of the input
-        stays buffered, and ``receive_data(b"", max_frames)`` parses the next ones (it returns ``[]`` once no
-        complete frame is left). A caller handling one client's burst can so let other work run between
-        slices instead of parsing the whole burst at once.
+    def receive_data(self, data: bytes) -> None:
+        """Add the next chunk of the stream (any split, possibly empty). Nothing is parsed here."""
+        if self._error is not None or not data:
+            return
+        data = data if type(data) is bytes else bytes(data)
+        buf = self._buffer
+        pos = self._pos
+        if pos == len(buf):
+            if pos:
+                self._rebase(pos)
+            self._buffer = data
+            return
+        if pos:
+            self._rebase(pos)
+        if isinstance(buf, bytearray):
+            if pos:
+                del buf[:pos]
+            buf += data
+        else:
+            joined = bytearray(memoryview(buf)[pos:])
+            joined += data
+            self._buffer = joined
 
-        Raises :class:`ProtocolError` for malformed input or an exceeded limit; the parser is then dead
-        and every later call raises the same error again. When the chunk completed frames before the
-        bad input, those frames are returned first and the error is kept in :attr:`error` (and raised by
-        the next call), so that nothing the client sent correctly is lost.
+    def next_frame(self) -> Frame | None:
+        """The next complete frame, or ``None`` when more data is needed.
+
+        Raises :class:`ProtocolError` for malformed input or an exceeded limit. Frames before the bad
+        input are returned first (nothing the client sent correctly is lost); the parser is then dead and
+        every later call raises the same error again.
         """
         if self._error is not None:
             error = self._error
             raise ProtocolError(error.message, error.detail, headers=error.headers)
-        self._completed = []
         try:
-            return self._receive(data if type(data) is bytes else bytes(data), max_frames)
+            return self._next()
         except ProtocolError as exc:
             self._fail(exc)
-            if self._completed:
-                return self._completed
             raise
         except Exception as exc:  # a bug here must still reach the peer as a STOMP error
             error = ProtocolError("Invalid frame", f"Internal parser error: {exc!r}")
@@ -334,7 +341,8 @@ class FrameParser:
 
     def _fail(self, error: ProtocolError) -> None:
         self._error = error
-        self._buffer = bytearray()
+        self._buffer = b""
+        self._pos = 0
         self._reset()
 
     def _too_large(self) -> ProtocolError:
@@ -342,79 +350,59 @@ class FrameParser:
         when = "" if self.authenticated else " before CONNECT succeeded"
         return ProtocolError("Frame too large", f"Frame exceeds the {limit}-byte limit{when}")
 
-    def _receive(self, data: bytes, max_frames: int) -> list[Frame]:
-        # Parse straight from ``data`` when nothing is pending (no copy); else append to the buffer.
-        buf: bytes | bytearray
-        if self._buffer:
-            self._buffer += data
-            buf = self._buffer
-        else:
-            buf = data
+    def _next(self) -> Frame | None:
+        buf = self._buffer
         end = len(buf)
+        pos = self._pos  # start of the current frame (or of the EOLs before it); indexes are absolute in buf
         max_size = self.max_frame_size
-        pos = 0  # start of the current frame in buf; state indexes are absolute in buf
-        frames: list[Frame] = self._completed
-        while True:
-            head = self._head
-            if head is None:
-                if not self._started:
-                    if pos < end and (buf[pos] == 10 or buf[pos] == 13 or buf[pos] == 0):
-                        pos = _EOLS.match(buf, pos).end()  # type: ignore[union-attr]  # always matches
-                    if pos == end:
-                        break
-                    self._begin(pos)
-                header_end = _HEADER_END.search(buf, self._scan)
-                if header_end is None:
-                    self._check_partial_head(buf, pos, end, max_size)
-                    self._scan = max(pos, end - 2)
-                    break
-                body_start = header_end.end()
-                command, headers, length = self._parse_head(buf, pos, header_end.start(), max_size)
-                if length >= 0 and body_start - pos + length > max_size:
+        head = self._head
+        if head is None:
+            if not self._started:
+                if pos < end and (buf[pos] == 10 or buf[pos] == 13 or buf[pos] == 0):
+                    pos = self._pos = _EOLS.match(buf, pos).end()  # type: ignore[union-attr]  # always matches
+                if pos == end:
+                    return None
+                self._begin(pos)
+            header_end = _HEADER_END.search(buf, self._scan)
+            if header_end is None:
+                self._check_partial_head(buf, pos, end, max_size)
+                self._scan = max(pos, end - 2)
+                return None
+            body_start = header_end.end()
+            command, headers, length = self._parse_head(buf, pos, header_end.start(), max_size)
+            if length >= 0 and body_start - pos + length > max_size:
+                raise self._too_large()
+            head = self._head = (command, headers, body_start, length)
+            self._nul_scan = body_start
+        command, headers, body_start, length = head
+        if length >= 0:
+            body_end = body_start + length
+            if body_end >= end:
+                return None
+            if buf[body_end] != 0:
+                raise ProtocolError(
+                    "Invalid frame",
+                    f"Expected NUL after the {length}-byte body given by content-length, "
+                    f"got {_shorten(bytes(buf[body_end : body_end + 10]))}",
+                )
+        else:
+            body_end = buf.find(b"\x00", self._nul_scan)
+            if body_end < 0:
+                if end - pos > max_size:
                     raise self._too_large()
-                head = self._head = (command, headers, body_start, length)
-                self._nul_scan = body_start
-            command, headers, body_start, length = head
-            if length >= 0:
-                body_end = body_start + length
-                if body_end >= end:
-                    break
-                if buf[body_end] != 0:
-                    raise ProtocolError(
-                        "Invalid frame",
-                        f"Expected NUL after the {length}-byte body given by content-length, "
-                        f"got {_shorten(bytes(buf[body_end : body_end + 10]))}",
-                    )
-            else:
-                body_end = buf.find(b"\x00", self._nul_scan)
-                if body_end < 0:
-                    if end - pos > max_size:
-                        raise self._too_large()
-                    self._nul_scan = end
-                    break
-                if body_end - pos > max_size:
-                    raise self._too_large()
-            body = buf[body_start:body_end]
-            frames.append(Frame(command, headers, body if type(body) is bytes else bytes(body)))
-            pos = body_end + 1
-            self._started = False
-            self._head = None
-            if (command == "CONNECT" or command == "STOMP") and not self.authenticated:
-                break  # let the session switch version/limits first; see the class docstring
-            if len(frames) == max_frames:
-                break
-        if pos:
-            self._keep(buf, pos, end)
-        elif buf is data and end:
-            self._buffer = bytearray(data)
-        return frames
+                self._nul_scan = end
+                return None
+            if body_end - pos > max_size:
+                raise self._too_large()
+        body = buf[body_start:body_end]
+        self._pos = body_end + 1
+        self._started = False
+        self._head = None
+        return Frame(command, headers, body if type(body) is bytes else bytes(body))
 
-    def _keep(self, buf: bytes | bytearray, pos: int, end: int) -> None:
-        """Keep buf[pos:] for the next call and rebase the state indexes to it."""
-        if buf is self._buffer:
-            del self._buffer[:pos]
-        elif pos < end:
-            self._buffer = bytearray(memoryview(buf)[pos:])
+    def _rebase(self, pos: int) -> None:
+        """The first ``pos`` bytes of the buffer are being dropped: move the state indexes with them."""
+        self._pos -= pos
         if self._started:
             self._scan -= pos
             self._line_scan -= pos
@@ -495,7 +483,7 @@ class FrameParser:
         if len(lines) - 1 > limits.max_headers:
             raise self._too_many_headers()
         version = self.version
-        unescape = "\\" in text and version in _ESCAPING_VERSIONS and command not in _UNESCAPED_COMMANDS
+        unescape = "\\" in text and version in _ESCAPING_VERSIONS and command not in UNESCAPED_COMMANDS
         trim = version == "1.0"
         headers: list[tuple[str, str]] = []
         append = headers.append

@@ -2,9 +2,9 @@
 
 A :class:`Session` takes client frames in (:meth:`Session.receive_frame`) and gives *actions* out: frames
 to write and broker operations to run. The connection layer runs the actions in order and reports their
-outcome back (:meth:`Session.authenticated`, :meth:`Session.broker_failed`, ...), which again yields
-actions. Deliveries become MESSAGE frames through :class:`MessageTemplate`, which serializes the shared part
-of a frame once however many sessions receive it.
+outcome back as events (:meth:`Session.authenticated`, :meth:`Session.broker_failed`, ...), which again
+yield actions. Deliveries become MESSAGE frames through :class:`~gateway.stomp.writer.MessageTemplate`,
+which serializes the shared part of a frame once however many sessions receive it.
 
 Every state and the commands it accepts live in :data:`ACCEPTS`; nothing else decides what a state allows.
 """
@@ -24,23 +24,34 @@ from gateway.broker.base import (
     Delivery,
     FrameTooLarge,
     MessageProperties,
+    PublishNacked,
     VhostNotFound,
 )
 from gateway.destinations import (
+    TEMP_QUEUE,
     Destination,
     QueueDeclaration,
     SubscriptionPlan,
     check_send_destination,
     durable_unsubscribe_queue,
-    format_destination,
     parse_bool,
     parse_destination,
     routing_pair,
     send_declaration,
     subscription_plan,
+    temp_queue_plan,
 )
-from gateway.headers import message_headers, properties_from_send
-from gateway.stomp.frames import SUPPORTED_VERSIONS_TEXT, VERSIONS, Frame, ProtocolError, encode_header_value
+from gateway.headers import delivery_headers, properties_from_send
+from gateway.stomp.frames import (
+    DEFAULT_LIMITS,
+    SUPPORTED_VERSIONS_TEXT,
+    VERSIONS,
+    Frame,
+    FrameParser,
+    Limits,
+    ProtocolError,
+)
+from gateway.stomp.writer import MessageTemplate
 
 __all__ = [
     "ACCEPTS",
@@ -49,8 +60,8 @@ __all__ = [
     "Authenticate",
     "Barrier",
     "Close",
+    "Connected",
     "Disconnect",
-    "MessageTemplate",
     "Publish",
     "SendFrame",
     "Session",
@@ -124,7 +135,9 @@ class Authenticate:
 
 @dataclass(slots=True)
 class Subscription:
-    """One client subscription. ``key`` is its consumer tag: ``T_<id>``, or ``Q_<destination>`` without an id."""
+    """One client subscription, or the consumer of a ``/temp-queue`` reply queue. ``key`` is its consumer tag:
+    ``T_<id>``, or ``Q_<destination>`` without an id (a temp queue: its name). Pure session state: how the
+    broker side is attached is the connection layer's own record."""
 
     key: str
     id: str | None
@@ -136,8 +149,6 @@ class Subscription:
     consumer_arguments: dict[str, object] = field(default_factory=dict)
     #: ack id -> delivery tag, in delivery order (client modes only)
     pending: dict[str, int] = field(default_factory=dict)
-    #: set by the connection layer: how the broker side is attached (own consumer or shared fan-out)
-    handle: object = None
 
     @property
     def shared(self) -> bool:
@@ -166,8 +177,9 @@ class Unsubscribe:
 class Publish:
     """Publish a message. ``declare`` is declared first (once per session per name is enough);
     ``temp_queue`` names a ``/temp-queue/T`` whose real queue name must be put in ``properties.reply_to``
-    (declaring it and subscribing to it on first use). ``receipt`` is sent after the broker's confirm.
-    ``confirm`` asks for a confirm without a receipt of its own (a later :class:`Barrier` waits for it)."""
+    (on first use, declaring it and consuming it for ``reply_subscription``, which the session made).
+    Report the confirm with :meth:`Session.publish_confirmed` or :meth:`Session.publish_failed` when
+    ``receipt`` is set or ``confirm`` asks for one (a later :class:`Barrier` waits for it)."""
 
     exchange: str
     routing_key: str
@@ -177,6 +189,7 @@ class Publish:
     temp_queue: str | None
     receipt: Frame | None
     confirm: bool = False
+    reply_subscription: Subscription | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,6 +211,17 @@ class Ack:
 
 
 @dataclass(frozen=True, slots=True)
+class Connected:
+    """The broker accepted the login: the transport may take full-size frames, the login timer stops, and
+    heart-beats run every ``send_every`` ms out and are expected every ``expect_every`` ms in (0: off).
+    Comes before the CONNECTED frame, so the client can never send a frame the transport would refuse."""
+
+    version: str
+    send_every: int
+    expect_every: int
+
+
+@dataclass(frozen=True, slots=True)
 class Disconnect:
     """Wait for every earlier action (confirms included), send ``receipt`` if any, then close."""
 
@@ -211,7 +235,9 @@ class Close:
     error: Frame | None
 
 
-Action = SendFrame | Authenticate | Subscribe | Unsubscribe | Publish | Ack | Barrier | Disconnect | Close
+Action = (
+    SendFrame | Authenticate | Connected | Subscribe | Unsubscribe | Publish | Ack | Barrier | Disconnect | Close
+)
 
 
 # ---------------------------------------------------------------------------------------------- negotiation
@@ -253,73 +279,6 @@ def negotiate_heartbeat(value: str | None, minimum: int, maximum: int) -> tuple[
 
 
 # ---------------------------------------------------------------------------------------------- messages
-
-
-class MessageTemplate:
-    """A delivery turned into the shared part of a MESSAGE frame, serialized once per version family.
-
-    ``render(version, subscription)`` prepends the only per-session header (``subscription``) and, for
-    client ack modes, appends ``ack``. For shared fan-out every session renders the same template, and
-    sessions whose subscription ids are equal (every stompjs page calls its first one ``sub-0``) get the
-    very same bytes. ``wire`` is a cache for transports that frame those bytes once more (WebSocket).
-    """
-
-    __slots__ = ("_rendered", "_tails", "body", "headers", "is_text", "wire")
-
-    def __init__(self, headers: list[tuple[str, str]], body: bytes) -> None:
-        self.headers = headers
-        self.body = body
-        try:
-            body.decode("utf-8")
-        except UnicodeDecodeError:
-            self.is_text = False
-        else:
-            self.is_text = True
-        self._tails: dict[str, bytes] = {}
-        self._rendered: dict[tuple[str, str | None], bytes] = {}
-        self.wire: dict[tuple[str, str | None], bytes] = {}
-
-    @classmethod
-    def from_delivery(cls, delivery: Delivery, message_id: str, topic_exchange: str) -> MessageTemplate:
-        headers = [
-            ("destination", format_destination(delivery.exchange, delivery.routing_key, topic_exchange)),
-            ("message-id", message_id),
-            ("redelivered", "true" if delivery.redelivered else "false"),
-        ]
-        headers.extend(message_headers(delivery.properties))
-        return cls(headers, delivery.body)
-
-    def _tail(self, family: str) -> bytes:
-        cached = self._tails.get(family)
-        if cached is None:
-            parts = [
-                f"{encode_header_value(k, family)}:{encode_header_value(v, family)}\n"
-                for k, v in self.headers
-                if k != "content-length"
-            ]
-            if self.body:
-                parts.append(f"content-length:{len(self.body)}\n")
-            cached = "".join(parts).encode() + b"\n" + self.body + b"\x00"
-            self._tails[family] = cached
-        return cached
-
-    def render(self, version: str, subscription: str | None, ack: str | None = None) -> bytes:
-        family = "1.0" if version == "1.0" else "1.2"
-        if ack is None:
-            key = (family, subscription)
-            rendered = self._rendered.get(key)
-            if rendered is None:
-                rendered = self._rendered[key] = self._render(family, subscription, None)
-            return rendered
-        return self._render(family, subscription, ack)
-
-    def _render(self, family: str, subscription: str | None, ack: str | None) -> bytes:
-        head = b"MESSAGE\n"
-        if subscription is not None:
-            head += b"subscription:" + encode_header_value(subscription, family).encode() + b"\n"
-        if ack is not None:
-            head += b"ack:" + encode_header_value(ack, family).encode() + b"\n"
-        return head + self._tail(family)
 
 
 # ---------------------------------------------------------------------------------------------- session
@@ -375,13 +334,26 @@ def _new_session_id() -> str:
 
 
 class Session:
-    """One client's STOMP session, free of I/O.
+    """One client's STOMP session, free of I/O: it decides, the connection layer drives.
 
-    Call :meth:`receive_frame` for each parsed frame and run the returned actions in order. A
-    :class:`ProtocolError` never escapes: it becomes a :class:`Close` action carrying the ERROR frame.
+    Bytes from the client go in with :meth:`receive_data`; :meth:`next_frame` pulls the next whole frame
+    (the session owns the parser, and switches its version and frame-size limit when the login succeeds,
+    so a frame pipelined behind CONNECT is decoded as it must be); :meth:`receive_frame` handles it and
+    returns the actions to run, in order. What the connection layer observes while running them comes back
+    as an event (:meth:`authenticated`, :meth:`broker_failed`, :meth:`publish_confirmed`,
+    :meth:`publish_failed`, :meth:`slow_consumer`, :meth:`login_timed_out`, :meth:`heartbeat_timed_out`,
+    :meth:`internal_error`, :meth:`connection_lost`), which again yields actions. Every ERROR text the
+    gateway sends is written here or in the codec. A :class:`ProtocolError` never escapes
+    :meth:`receive_frame`: it becomes a :class:`Close` action carrying the ERROR frame.
     """
 
-    def __init__(self, settings: SessionSettings | None = None, session_id: str | None = None) -> None:
+    def __init__(
+        self,
+        settings: SessionSettings | None = None,
+        session_id: str | None = None,
+        *,
+        limits: Limits = DEFAULT_LIMITS,
+    ) -> None:
         self.settings = settings or SessionSettings()
         self.id = session_id or _new_session_id()
         self.state = State.CONNECTING
@@ -389,16 +361,27 @@ class Session:
         self.heartbeat: tuple[int, int] = (0, 0)
         self.login = ""
         self.vhost = ""
+        self.parser = FrameParser(limits)
         self.subscriptions: dict[str, Subscription] = {}
         self.transactions: dict[str, list[Frame]] = {}
         self._transaction_bytes = 0  # bodies buffered in all open transactions
-        #: ``/temp-queue/...`` names used in reply-to: each is a broker queue and consumer
-        self.temp_queues: set[str] = set()
+        #: ``/temp-queue/...`` names used in reply-to: each is a broker queue consumed for its subscription
+        self.temp_queues: dict[str, Subscription] = {}
         #: ack id -> subscription key, for client ack modes
         self._ack_index: dict[str, str] = {}
         self._tag_counter = 0
 
     # -- input ------------------------------------------------------------------------------------
+
+    def receive_data(self, data: bytes) -> None:
+        """Bytes from the client, in any split. Nothing is parsed until :meth:`next_frame`."""
+        self.parser.receive_data(data)
+
+    def next_frame(self) -> Frame | None:
+        """The next whole frame from the client, or None until more bytes arrive. Raises
+        :class:`ProtocolError` for malformed input (after the good frames before it); report it with
+        :meth:`fail`."""
+        return self.parser.next_frame()
 
     def receive_frame(self, frame: Frame) -> list[Action]:
         """Handle one client frame. Returns the actions to run, in order."""
@@ -415,6 +398,12 @@ class Session:
         """Close the session with this error (the ERROR frame is written before the close)."""
         self.state = State.CLOSED
         return [Close(error.to_frame())]
+
+    def _fail_if_open(self, error: ProtocolError) -> list[Action]:
+        """An outcome that ends a live session; nothing once it is closing already."""
+        if self.state is State.CLOSED:
+            return []
+        return self.fail(error)
 
     def _dispatch(self, frame: Frame) -> list[Action]:
         command = frame.command
@@ -456,10 +445,13 @@ class Session:
     _on_stomp = _on_connect
 
     def authenticated(self) -> list[Action]:
-        """The broker accepted the credentials: answer CONNECTED (nothing if the session closed meanwhile)."""
+        """The broker accepted the credentials: switch the parser to the negotiated version and the
+        full frame-size limit, and answer CONNECTED (nothing if the session closed meanwhile)."""
         if self.state is not State.AUTHENTICATING:
             return []
         self.state = State.CONNECTED
+        self.parser.version = self.version
+        self.parser.authenticated = True
         send_every, expect_every = self.heartbeat
         connected = Frame(
             "CONNECTED",
@@ -470,12 +462,13 @@ class Session:
                 ("heart-beat", f"{send_every},{expect_every}"),
             ),
         )
-        return [SendFrame(connected)]
+        return [Connected(self.version, send_every, expect_every), SendFrame(connected)]
 
-    # -- broker outcomes ------------------------------------------------------------------------------
+    # -- outcomes the connection layer observes ----------------------------------------------------------
 
     def broker_failed(self, error: BrokerError, receipt: Frame | None = None) -> list[Action]:
-        """A broker operation failed: report it with RabbitMQ's wording and close."""
+        """A broker operation failed (or the session's broker channel closed): report it with RabbitMQ's
+        wording and close."""
         receipt_id = receipt.get("receipt-id") if receipt is not None else None
         if isinstance(error, AccessRefused | VhostNotFound):
             return self.fail(ProtocolError("Bad CONNECT", error.text, receipt_id=receipt_id))
@@ -484,6 +477,65 @@ class Session:
             # would close the (shared) connection over them.
             return self.fail(ProtocolError("Invalid header", f"Headers too large: {error.text}\n", receipt_id=receipt_id))
         return self.fail(ProtocolError(error.name, error.text, receipt_id=receipt_id))
+
+    def publish_confirmed(self, receipt: Frame | None) -> list[Action]:
+        """The broker confirmed a publish: its RECEIPT (if it asked for one) may go out now."""
+        if receipt is None or self.state is State.CLOSED:
+            return []
+        return [SendFrame(receipt)]
+
+    def publish_failed(self, error: BrokerError, receipt: Frame | None) -> list[Action]:
+        """A publish was refused: ``basic.nack`` (``PublishNacked``) or a broker error."""
+        if self.state is State.CLOSED:
+            return []
+        if isinstance(error, PublishNacked):
+            receipt_id = receipt.get("receipt-id") if receipt is not None else None
+            detail = "The broker did not accept a message (basic.nack)"
+            if receipt_id is not None:
+                detail += f" sent with receipt '{receipt_id}'"
+            return self.fail(ProtocolError("Message rejected", detail + "\n", receipt_id=receipt_id))
+        return self.broker_failed(error, receipt)
+
+    def slow_consumer(self, limit: int) -> list[Action]:
+        """The client fell more than ``limit`` bytes behind the message it is receiving."""
+        return self._fail_if_open(
+            ProtocolError(
+                "Slow consumer",
+                f"The client fell more than {limit} bytes behind the message it is receiving (setting "
+                "--max-outbound-buffer); "
+                "unacknowledged messages go back to their queues.\n",
+            )
+        )
+
+    def login_timed_out(self, seconds: float) -> list[Action]:
+        """The login timer ran out: an error unless CONNECT succeeded in time."""
+        if self.state not in (State.CONNECTING, State.AUTHENTICATING):
+            return []
+        return self.fail(
+            ProtocolError(
+                "Login timeout",
+                f"No successful CONNECT within {seconds:g} s (setting --login-timeout)\n",
+            )
+        )
+
+    def heartbeat_timed_out(self) -> list[Action]:
+        """Nothing came from the client for two of the heart-beat intervals it promised."""
+        expect_every = self.heartbeat[1]
+        return self._fail_if_open(
+            ProtocolError(
+                "Heart-beat timeout",
+                f"Nothing received for {2 * expect_every} ms (two heart-beat intervals)\n",
+            )
+        )
+
+    def internal_error(self) -> list[Action]:
+        """The gateway failed while handling this session (the log has the traceback)."""
+        return self._fail_if_open(ProtocolError("Internal error", "The gateway failed; see its log.\n"))
+
+    def connection_lost(self) -> None:
+        """The connection is gone (or closing): nothing more is accepted or delivered."""
+        self.state = State.CLOSED
+        self.transactions.clear()
 
     # -- SEND ---------------------------------------------------------------------------------------
 
@@ -494,17 +546,45 @@ class Session:
         destination = parse_destination(raw)
         check_send_destination(destination)
         temp_queue = None
+        reply_subscription = None
         reply_to = frame.get("reply-to")
         if reply_to is not None and reply_to.startswith("/temp-queue/"):
             temp_queue = reply_to
-            if reply_to not in self.temp_queues:
-                _check_consumer_tag("T_" + reply_to)
-                self._check_subscription_room()
-                self.temp_queues.add(reply_to)
+            reply_subscription = self.temp_queues.get(reply_to)
+            if reply_subscription is None:
+                reply_subscription = self._temp_queue(reply_to)
         properties = properties_from_send(frame.headers)
         exchange, routing_key = routing_pair(destination, self.settings.topic_exchange)
         declare = send_declaration(destination, dict(self._first_headers(frame)))
-        return [Publish(exchange, routing_key, frame.body, properties, declare, temp_queue, _receipt(frame))]
+        return [
+            Publish(
+                exchange,
+                routing_key,
+                frame.body,
+                properties,
+                declare,
+                temp_queue,
+                _receipt(frame),
+                reply_subscription=reply_subscription,
+            )
+        ]
+
+    def _temp_queue(self, name: str) -> Subscription:
+        """The consumer of the reply queue behind ``/temp-queue/...`` ``name``: its MESSAGEs carry
+        ``subscription:<name>`` and need no ACK."""
+        _check_consumer_tag("T_" + name)
+        self._check_subscription_room()
+        subscription = Subscription(
+            key=name,
+            id=name,
+            destination=Destination(TEMP_QUEUE, name[len("/temp-queue/") :], raw=name),
+            ack="auto",
+            plan=temp_queue_plan(),
+            prefetch_count=None,
+            consumer_tag="T_" + name,
+        )
+        self.temp_queues[name] = subscription
+        return subscription
 
     @staticmethod
     def _first_headers(frame: Frame) -> Iterable[tuple[str, str]]:
@@ -762,11 +842,13 @@ class Session:
         if subscription.ack != "auto":
             subscription.pending[message_id] = delivery.delivery_tag
             self._ack_index[message_id] = subscription.key
-        return MessageTemplate.from_delivery(delivery, message_id, self.settings.topic_exchange)
+        return MessageTemplate(
+            delivery_headers(delivery, message_id, self.settings.topic_exchange), delivery.body
+        )
 
     def render(self, subscription: Subscription, template: MessageTemplate) -> bytes:
         """The MESSAGE frame for this session; ``ack`` is added for 1.2 client ack modes."""
         ack = None
         if subscription.ack != "auto" and self.version == "1.2":
-            ack = template.headers[1][1]  # message-id
+            ack = template.message_id
         return template.render(self.version, subscription.id, ack)

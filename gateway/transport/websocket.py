@@ -24,7 +24,7 @@ from websockets.typing import Subprotocol
 
 from gateway.connection import Backlog, StompConnection, Transport
 from gateway.metrics import TALLY
-from gateway.stomp.session import MessageTemplate
+from gateway.stomp.writer import MessageTemplate
 from gateway.transport.http import HttpResponder
 
 __all__ = ["SUBPROTOCOLS", "WebSocketTransport", "select_subprotocol", "serve_websocket", "websocket_frame"]
@@ -59,6 +59,10 @@ def websocket_frame(payload: bytes, text: bool) -> bytes:
 
 
 _WROTE: list[bytes] = []  # sentinel, never appended to
+
+#: The template framed last, and its frames by (version family, subscription id)
+_framed_template: MessageTemplate | None = None
+_framed: dict[tuple[str, str | None], bytes] = {}
 
 
 class _Flusher:
@@ -171,10 +175,14 @@ class WebSocketTransport(Transport):
             return
         if self.ws.protocol.state is not State.OPEN:
             return
+        # The fan-out hands one template to every session of its group in a row: one framing each.
+        global _framed_template, _framed
+        if template is not _framed_template:
+            _framed_template, _framed = template, {}
         key = ("1.0" if version == "1.0" else "1.2", subscription)
-        wire = template.wire.get(key)
+        wire = _framed.get(key)
         if wire is None:
-            wire = template.wire[key] = websocket_frame(template.render(version, subscription), template.is_text)
+            wire = _framed[key] = websocket_frame(template.render(version, subscription), template.is_text)
         self._queue(wire)
 
     def write_heartbeat(self) -> None:

@@ -44,13 +44,30 @@ def make_parser(
     return parser
 
 
+def pull(parser: FrameParser, data: bytes) -> list[Frame]:
+    """Feed ``data`` and pull every complete frame. Frames before bad input come back first; the error is
+    then raised by the next call (the parser stays failed)."""
+    parser.receive_data(data)
+    received: list[Frame] = []
+    while True:
+        try:
+            frame = parser.next_frame()
+        except ProtocolError:
+            if received:
+                return received
+            raise
+        if frame is None:
+            return received
+        received.append(frame)
+
+
 def receive_all(parser: FrameParser, chunks: Iterable[bytes]) -> list[Frame]:
-    """Feed ``chunks``; also drain the frames a parser holds back after an unauthenticated CONNECT."""
+    """Feed ``chunks`` one at a time, pulling the frames after each; raise the error of bad input."""
     received: list[Frame] = []
     for chunk in chunks:
-        received += parser.receive_data(chunk)
-        while more := parser.receive_data(b""):
-            received += more
+        received += pull(parser, chunk)
+        if parser.error is not None:
+            pull(parser, b"")  # raises it
     return received
 
 
@@ -159,14 +176,14 @@ class TestFraming:
 
     def test_heart_beats_alone(self) -> None:
         parser = make_parser()
-        assert parser.receive_data(b"\n") == []
-        assert parser.receive_data(b"\r\n") == []
-        assert parser.receive_data(b"") == []
-        assert parser.receive_data(b"SEND\n\nx\x00") == [Frame("SEND", body=b"x")]
+        assert pull(parser, b"\n") == []
+        assert pull(parser, b"\r\n") == []
+        assert pull(parser, b"") == []
+        assert pull(parser, b"SEND\n\nx\x00") == [Frame("SEND", body=b"x")]
 
     def test_many_frames_in_one_chunk(self) -> None:
         data = b"".join(b"SEND\nn:%d\n\n%d\x00" % (i, i) for i in range(50))
-        received = make_parser().receive_data(data)
+        received = pull(make_parser(), data)
         assert [frame.get("n") for frame in received] == [str(i) for i in range(50)]
         assert [frame.body for frame in received] == [str(i).encode() for i in range(50)]
 
@@ -181,17 +198,17 @@ class TestFraming:
 
     def test_partial_frame_is_kept_across_calls(self) -> None:
         parser = make_parser()
-        assert parser.receive_data(b"SEND\ndestination:/qu") == []
-        assert parser.receive_data(b"eue/a\n\nhel") == []
-        assert parser.receive_data(b"lo\x00SEND\n") == [
+        assert pull(parser, b"SEND\ndestination:/qu") == []
+        assert pull(parser, b"eue/a\n\nhel") == []
+        assert pull(parser, b"lo\x00SEND\n") == [
             Frame("SEND", (("destination", "/queue/a"),), b"hello")
         ]
-        assert parser.receive_data(b"\n\x00") == [Frame("SEND")]
+        assert pull(parser, b"\n\x00") == [Frame("SEND")]
 
     def test_accepts_bytearray_and_memoryview(self) -> None:
         parser = make_parser()
-        assert parser.receive_data(bytearray(b"SEND\n\nx\x00")) == [Frame("SEND", body=b"x")]  # type: ignore[arg-type]
-        assert parser.receive_data(memoryview(b"SEND\n\ny\x00")) == [Frame("SEND", body=b"y")]  # type: ignore[arg-type]
+        assert pull(parser, bytearray(b"SEND\n\nx\x00")) == [Frame("SEND", body=b"x")]  # type: ignore[arg-type]
+        assert pull(parser, memoryview(b"SEND\n\ny\x00")) == [Frame("SEND", body=b"y")]  # type: ignore[arg-type]
 
     def test_body_is_kept_verbatim(self) -> None:
         """stomper drops blank lines and strips lines; we must not."""
@@ -253,7 +270,7 @@ class TestFraming:
         monkeypatch.setattr(frames_module, "_HEADER_END", Broken())
         parser = make_parser()
         with pytest.raises(ProtocolError) as info:
-            parser.receive_data(b"SEND\n\n\x00")
+            pull(parser, b"SEND\n\n\x00")
         assert info.value.message == "Invalid frame"
         assert "Internal parser error" in info.value.detail
         assert isinstance(info.value.__cause__, RuntimeError)
@@ -265,32 +282,32 @@ class TestFailedParser:
     def test_parser_is_dead_after_an_error(self) -> None:
         parser = make_parser()
         with pytest.raises(ProtocolError) as first:
-            parser.receive_data(b"SEND\nbogus\n\n\x00")
+            pull(parser, b"SEND\nbogus\n\n\x00")
         for data in (b"SEND\n\nok\x00", b""):
             with pytest.raises(ProtocolError) as again:
-                parser.receive_data(data)
+                pull(parser, data)
             assert (again.value.message, again.value.detail) == (first.value.message, first.value.detail)
 
     def test_failed_parser_drops_its_buffer(self) -> None:
         parser = make_parser(authenticated=False)
-        parser.receive_data(b"SEND\n\n" + b"x" * 60_000)
+        pull(parser, b"SEND\n\n" + b"x" * 60_000)
         with pytest.raises(ProtocolError):
-            parser.receive_data(b"x" * 10_000)
+            pull(parser, b"x" * 10_000)
         assert len(parser._buffer) == 0
 
     def test_frames_before_the_error_are_returned_first(self) -> None:
         """Nothing sent correctly is lost: the good frames come back, the error waits in ``error``."""
         parser = make_parser()
-        frames = parser.receive_data(b"SEND\n\nok\x00SEND\nbogus\n\n\x00")
+        frames = pull(parser, b"SEND\n\nok\x00SEND\nbogus\n\n\x00")
         assert [f.body for f in frames] == [b"ok"]
         assert parser.error is not None and parser.error.message == "Invalid frame"
         with pytest.raises(ProtocolError):
-            parser.receive_data(b"")
+            pull(parser, b"")
 
     def test_a_chunk_with_only_bad_input_raises(self) -> None:
         parser = make_parser()
         with pytest.raises(ProtocolError):
-            parser.receive_data(b"SEND\nbogus\n\n\x00")
+            pull(parser, b"SEND\nbogus\n\n\x00")
         assert parser.error is not None
 
 
@@ -453,9 +470,9 @@ class TestValueEncoding:
 
     def test_version_is_read_when_the_headers_complete(self) -> None:
         parser = make_parser(None)
-        assert parser.receive_data(b"SEND\nx:a\\c") == []
+        assert pull(parser, b"SEND\nx:a\\c") == []
         parser.version = "1.2"
-        assert parser.receive_data(b"b\n\n\x00") == [Frame("SEND", (("x", "a:b"),))]
+        assert pull(parser, b"b\n\n\x00") == [Frame("SEND", (("x", "a:b"),))]
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -497,40 +514,40 @@ class TestLimits:
 
     def test_default_frame_sizes(self) -> None:
         """64 KiB pre-auth, 4 MiB post-auth; content-length lets the limit fail from the headers alone."""
-        assert len(make_parser(authenticated=False).receive_data(sized_frame(64 * 1024))) == 1
+        assert len(pull(make_parser(authenticated=False), sized_frame(64 * 1024))) == 1
         with pytest.raises(ProtocolError, match="65536-byte"):
-            make_parser(authenticated=False).receive_data(
+            pull(make_parser(authenticated=False), 
                 sized_frame(64 * 1024 + 1, content_length=True)[:100]
             )
-        assert len(make_parser().receive_data(sized_frame(4 * 1024 * 1024, content_length=True))) == 1
+        assert len(pull(make_parser(), sized_frame(4 * 1024 * 1024, content_length=True))) == 1
         with pytest.raises(ProtocolError, match="4194304-byte"):
-            make_parser().receive_data(sized_frame(4 * 1024 * 1024 + 1, content_length=True)[:100])
+            pull(make_parser(), sized_frame(4 * 1024 * 1024 + 1, content_length=True)[:100])
 
     def test_authenticated_switches_the_limit(self) -> None:
         parser = make_parser(authenticated=False, limits=self.small)
         with pytest.raises(ProtocolError):
-            parser.receive_data(sized_frame(300))
+            pull(parser, sized_frame(300))
         parser = make_parser(authenticated=False, limits=self.small)
         parser.authenticated = True
-        assert len(parser.receive_data(sized_frame(300))) == 1
+        assert len(pull(parser, sized_frame(300))) == 1
 
     def test_body_fails_before_its_nul_arrives(self) -> None:
         parser = make_parser(limits=self.small)
-        assert parser.receive_data(b"SEND\n\n" + b"x" * 394) == []  # 400 bytes so far: still allowed
+        assert pull(parser, b"SEND\n\n" + b"x" * 394) == []  # 400 bytes so far: still allowed
         with pytest.raises(ProtocolError, match="Frame too large"):
-            parser.receive_data(b"x")
+            pull(parser, b"x")
 
     def test_content_length_fails_as_soon_as_the_headers_arrive(self) -> None:
         parser = make_parser(limits=self.small)
         with pytest.raises(ProtocolError, match="Frame too large"):
-            parser.receive_data(b"SEND\ncontent-length:1000\n\n")
+            pull(parser, b"SEND\ncontent-length:1000\n\n")
 
     def test_unterminated_header_block_fails_before_the_frame_completes(self) -> None:
         limits = Limits(max_frame_size_unauthenticated=200, max_headers=1000, max_header_line=1000)
         parser = make_parser(authenticated=False, limits=limits)
-        assert parser.receive_data(b"SEND\n" + b"a:b\n" * 48 + b"abc") == []  # 200 bytes
+        assert pull(parser, b"SEND\n" + b"a:b\n" * 48 + b"abc") == []  # 200 bytes
         with pytest.raises(ProtocolError, match="Frame too large"):
-            parser.receive_data(b"d")
+            pull(parser, b"d")
 
     def test_header_count(self) -> None:
         ok = b"SEND\n" + b"h:v\n" * 5 + b"\n\x00"
@@ -544,9 +561,9 @@ class TestLimits:
 
     def test_header_count_fails_before_the_frame_completes(self) -> None:
         parser = make_parser(limits=self.small)
-        assert parser.receive_data(b"SEND\n" + b"h:v\n" * 5) == []
+        assert pull(parser, b"SEND\n" + b"h:v\n" * 5) == []
         with pytest.raises(ProtocolError, match="Too many headers"):
-            parser.receive_data(b"h:v\n")
+            pull(parser, b"h:v\n")
 
     def test_header_line_length(self) -> None:
         line = b"h:" + b"v" * 48  # 50 bytes
@@ -561,9 +578,9 @@ class TestLimits:
 
     def test_header_line_fails_before_its_eol_arrives(self) -> None:
         parser = make_parser(limits=self.small)
-        assert parser.receive_data(b"SEND\nh:" + b"v" * 48) == []
+        assert pull(parser, b"SEND\nh:" + b"v" * 48) == []
         with pytest.raises(ProtocolError, match="Header too long"):
-            parser.receive_data(b"v")
+            pull(parser, b"v")
 
     def test_command_line_length(self) -> None:
         assert feed_one(b"A" * 50 + b"\n\n\x00", limits=self.small).command == "A" * 50
@@ -572,9 +589,9 @@ class TestLimits:
 
     def test_command_line_fails_before_its_eol_arrives(self) -> None:
         parser = make_parser(limits=self.small)
-        assert parser.receive_data(b"A" * 50) == []
+        assert pull(parser, b"A" * 50) == []
         with pytest.raises(ProtocolError, match="Command line exceeds"):
-            parser.receive_data(b"A")
+            pull(parser, b"A")
 
 
 class TestLinearTime:
@@ -591,7 +608,7 @@ class TestLinearTime:
         started = time.perf_counter()
         received: list[Frame] = []
         for chunk in chunks:
-            received += parser.receive_data(chunk)
+            received += pull(parser, chunk)
         elapsed = time.perf_counter() - started
         assert elapsed < self.bound, f"{elapsed:.2f}s for {len(chunks)} chunks: quadratic?"
         return received
@@ -625,29 +642,40 @@ class TestLinearTime:
 
 
 class TestConnectPipelining:
-    """Frames pipelined behind CONNECT wait until the session has set version and authenticated."""
+    """Frames pipelined behind CONNECT are pulled one at a time: the owner of the parser (the session)
+    switches version and limits after CONNECT, before it pulls the next frame."""
 
-    def test_parsing_stops_after_connect(self) -> None:
+    def test_frames_behind_connect_use_the_switches_set_after_it(self) -> None:
         parser = make_parser(None, authenticated=False)
-        data = b"CONNECT\naccept-version:1.2\n\n\x00SEND\nx:a\\cb\n\n\x00SEND\n\n\x00"
-        assert parser.receive_data(data) == [Frame("CONNECT", (("accept-version", "1.2"),))]
+        parser.receive_data(b"CONNECT\naccept-version:1.2\n\n\x00SEND\nx:a\\cb\n\n\x00SEND\n\n\x00")
+        assert parser.next_frame() == Frame("CONNECT", (("accept-version", "1.2"),))
         parser.version = "1.2"
         parser.authenticated = True
-        assert parser.receive_data(b"") == [Frame("SEND", (("x", "a:b"),)), Frame("SEND")]
+        assert pull(parser, b"") == [Frame("SEND", (("x", "a:b"),)), Frame("SEND")]
+
+    def test_without_the_switch_the_next_frame_is_not_unescaped(self) -> None:
+        parser = make_parser(None, authenticated=False)
+        parser.receive_data(b"STOMP\n\n\x00SEND\nx:a\\cb\n\n\x00")
+        assert parser.next_frame() == Frame("STOMP")
+        assert parser.next_frame() == Frame("SEND", (("x", "a\\cb"),))
+
+    def test_the_frame_size_limit_follows_authenticated(self) -> None:
+        parser = make_parser(None, authenticated=False, limits=Limits(max_frame_size_unauthenticated=100))
+        parser.receive_data(b"CONNECT\n\n\x00SEND\n\n" + b"x" * 200 + b"\x00")
+        assert parser.next_frame() == Frame("CONNECT")
+        parser.authenticated = True
+        frame = parser.next_frame()
+        assert frame is not None and len(frame.body) == 200
 
     def test_stomp_command_too(self) -> None:
         parser = make_parser(None, authenticated=False)
-        assert [f.command for f in parser.receive_data(b"STOMP\n\n\x00DISCONNECT\n\n\x00")] == ["STOMP"]
-        assert [f.command for f in parser.receive_data(b"")] == ["DISCONNECT"]
-
-    def test_no_stop_once_authenticated(self) -> None:
-        parser = make_parser()
-        assert len(parser.receive_data(b"CONNECT\n\n\x00SEND\n\n\x00")) == 2
+        parser.receive_data(b"STOMP\n\n\x00DISCONNECT\n\n\x00")
+        assert [f.command for f in pull(parser, b"")] == ["STOMP", "DISCONNECT"]
 
     def test_frames_before_connect_are_returned(self) -> None:
         """The session answers them "Illegal command"; the codec just parses."""
         parser = make_parser(None, authenticated=False)
-        assert len(parser.receive_data(b"SEND\n\n\x00SEND\n\n\x00")) == 2
+        assert len(pull(parser, b"SEND\n\n\x00SEND\n\n\x00")) == 2
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -918,21 +946,24 @@ class TestProperties:
         assert outcome([data[i : i + 1] for i in range(len(data))]) == whole
 
 
-class TestSlices:
-    """``max_frames``: a burst is parsed a slice at a time, the rest stays buffered."""
+class TestPull:
+    """``next_frame``: a burst is taken one frame at a time, the rest stays buffered."""
 
-    def test_slices_then_the_rest(self) -> None:
+    def test_one_frame_per_call_then_need_data(self) -> None:
         parser = make_parser("1.2")
-        data = b"".join(f"SEND\nn:{i}\n\n\x00".encode() for i in range(5)) + b"SEND\n"
-        slices = [parser.receive_data(data, 2)]
-        while slices[-1]:
-            slices.append(parser.receive_data(b"", 2))
-        assert [[f.get("n") for f in s] for s in slices] == [["0", "1"], ["2", "3"], ["4"], []]
-        assert parser.receive_data(b"\n\x00", 2) == [Frame("SEND")]  # the partial frame was kept
+        parser.receive_data(b"".join(f"SEND\nn:{i}\n\n\x00".encode() for i in range(5)) + b"SEND\n")
+        taken = []
+        while (frame := parser.next_frame()) is not None:
+            taken.append(frame.get("n"))
+        assert taken == ["0", "1", "2", "3", "4"]
+        assert parser.next_frame() is None
+        assert pull(parser, b"\n\x00") == [Frame("SEND")]  # the partial frame was kept
 
-    def test_bad_input_after_a_slice_comes_with_the_slice_that_reaches_it(self) -> None:
+    def test_bad_input_is_raised_when_it_is_reached(self) -> None:
         parser = make_parser("1.2")
-        data = b"SEND\n\n\x00SEND\n\n\x00SEND\n\n\x00BAD FRAME\n\n\x00"
-        assert len(parser.receive_data(data, 2)) == 2 and parser.error is None
-        assert len(parser.receive_data(b"", 2)) == 1
+        parser.receive_data(b"SEND\n\n\x00SEND\n\n\x00SEND\n\n\x00BAD FRAME\n\n\x00")
+        for _ in range(3):
+            assert parser.next_frame() == Frame("SEND") and parser.error is None
+        with pytest.raises(ProtocolError):
+            parser.next_frame()
         assert parser.error is not None and parser.error.message == "Invalid frame"

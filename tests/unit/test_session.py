@@ -25,6 +25,7 @@ from gateway.broker.base import (
 )
 from gateway.destinations import Destination, QueueDeclaration, durable_subscription_queue_name
 from gateway.stomp.frames import Frame, ProtocolError
+from gateway.stomp.writer import MessageTemplate
 from gateway.stomp.session import (
     ACCEPTS,
     Ack,
@@ -32,8 +33,8 @@ from gateway.stomp.session import (
     Authenticate,
     Barrier,
     Close,
+    Connected,
     Disconnect,
-    MessageTemplate,
     Publish,
     SendFrame,
     Session,
@@ -77,6 +78,16 @@ def connected(version: str = "1.2", settings: SessionSettings | None = None) -> 
     session.authenticated()
     assert session.state is State.CONNECTED
     return session
+
+
+def accept_login(session: Session) -> SendFrame:
+    """The broker accepted the login: a Connected action (switch limits, start timers), then CONNECTED."""
+    actions = session.authenticated()
+    assert isinstance(actions[0], Connected), actions
+    assert (actions[0].send_every, actions[0].expect_every) == session.heartbeat
+    action = only(actions[1:], SendFrame)
+    assert isinstance(action, SendFrame)
+    return action
 
 
 def only(actions: list[Action], kind: type) -> Action:
@@ -306,7 +317,7 @@ class TestConnecting:
         headers = {} if accept_version is None else {"accept-version": accept_version}
         session.receive_frame(make("CONNECT", headers))
         assert session.version == version
-        connected_frame = only(session.authenticated(), SendFrame)
+        connected_frame = accept_login(session)
         assert isinstance(connected_frame, SendFrame)
         assert connected_frame.frame.get("version") == version
 
@@ -330,7 +341,7 @@ class TestConnecting:
         authenticate = only(session.receive_frame(make("CONNECT")), Authenticate)
         assert authenticate == Authenticate("guest", "guest", "/")
         states = [session.state]
-        action = only(session.authenticated(), SendFrame)
+        action = accept_login(session)
         assert isinstance(action, SendFrame)
         assert action.frame == Frame(
             "CONNECTED",
@@ -396,7 +407,7 @@ class TestConnecting:
         settings = SessionSettings(server_name="gw/9", heartbeat_min=1000, heartbeat_max=60_000)
         session = connecting(settings)
         session.receive_frame(make("CONNECT", {"accept-version": "1.1,1.2", "heart-beat": "10000,20000"}))
-        action = only(session.authenticated(), SendFrame)
+        action = accept_login(session)
         assert isinstance(action, SendFrame)
         assert action.frame.command == "CONNECTED"
         assert dict(action.frame.headers) == {
