@@ -21,8 +21,8 @@ from typing import Any
 
 from gateway import metrics
 from gateway.broker.base import Broker, BrokerError, Channel, ChannelClosed, Delivery
-from gateway.metrics import TALLY
 from gateway.headers import delivery_headers
+from gateway.metrics import TALLY
 from gateway.stomp.writer import MessageTemplate
 
 __all__ = ["FanoutHub", "FanoutRegistry", "Sink"]

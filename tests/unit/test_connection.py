@@ -213,7 +213,7 @@ async def test_login_timeout(harness: Harness) -> None:
 
 async def test_no_login_timeout_after_connected(harness: Harness) -> None:
     harness.settings.login_timeout = 0.05
-    connection, transport = await harness.connected()
+    _connection, transport = await harness.connected()
     await asyncio.sleep(0.15)
     assert not transport.closed and transport.commands() == ["CONNECTED"]
 

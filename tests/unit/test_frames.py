@@ -516,7 +516,7 @@ class TestLimits:
         """64 KiB pre-auth, 4 MiB post-auth; content-length lets the limit fail from the headers alone."""
         assert len(pull(make_parser(authenticated=False), sized_frame(64 * 1024))) == 1
         with pytest.raises(ProtocolError, match="65536-byte"):
-            pull(make_parser(authenticated=False), 
+            pull(make_parser(authenticated=False),
                 sized_frame(64 * 1024 + 1, content_length=True)[:100]
             )
         assert len(pull(make_parser(), sized_frame(4 * 1024 * 1024, content_length=True))) == 1

@@ -25,7 +25,6 @@ from gateway.broker.base import (
 )
 from gateway.destinations import Destination, QueueDeclaration, durable_subscription_queue_name
 from gateway.stomp.frames import Frame, ProtocolError
-from gateway.stomp.writer import MessageTemplate
 from gateway.stomp.session import (
     ACCEPTS,
     Ack,
@@ -46,6 +45,7 @@ from gateway.stomp.session import (
     negotiate_heartbeat,
     negotiate_version,
 )
+from gateway.stomp.writer import MessageTemplate
 
 SESSION_ID = "session-test"
 UNKNOWN_TAIL = (
