@@ -147,7 +147,9 @@ _READERS: dict[str, Callable[[str], Any]] = {
     "url": _parse_url,
     "file": _parse_file,
 }
-_METAVARS = {"size": "SIZE", "port": "PORT", "url": "URL", "file": "FILE", "seconds": "SECONDS", "int": "N"}
+_METAVARS = {
+    "size": "SIZE", "port": "PORT", "url": "URL", "file": "FILE", "seconds": "SECONDS", "number": "NUMBER", "int": "N"
+}
 
 
 def _choice(text: str, choices: Sequence[str]) -> str:
@@ -159,7 +161,7 @@ def _choice(text: str, choices: Sequence[str]) -> str:
     return value
 
 
-def convert(f: Any, raw: str, source: str) -> Any:
+def _convert(f: Any, raw: str, source: str) -> Any:
     """One setting's text (from ``source``: its flag or its variable) as a value, or a :class:`ConfigError`."""
     meta = f.metadata
     kind = meta["kind"]
@@ -188,12 +190,12 @@ def _value(f: Any, given: Any, env: Mapping[str, str]) -> Any:
     if isinstance(given, bool):
         return given
     if isinstance(given, list):
-        return [item for raw in given for item in convert(f, raw, meta["flag"])]
+        return [item for raw in given for item in _convert(f, raw, meta["flag"])]
     if given is not None:
-        return convert(f, given, meta["flag"])
+        return _convert(f, given, meta["flag"])
     text = env.get(meta["env"], "")
     if text.strip() != "":
-        return convert(f, text, meta["env"])
+        return _convert(f, text, meta["env"])
     return default_of(f)
 
 

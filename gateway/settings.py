@@ -47,9 +47,12 @@ def setting(
 ) -> Any:
     """A dataclass field that is a setting: ``flag`` (``--name``), ``env`` (the variable), ``help``.
 
-    ``kind`` says how text becomes a value (see :data:`KINDS`; by default ``bool``/``int`` from the default,
-    ``choice`` with ``choices``, else ``text``); ``minimum`` bounds an ``int``; ``parse`` replaces the kind's
-    reader (it raises ``ValueError`` saying what it expected) and ``show`` formats the default for humans.
+    ``kind`` says how text becomes a value (see :data:`KINDS`; by default ``bool``/``int``/``list`` from the
+    default, ``choice`` with ``choices``, else ``text``); ``minimum`` bounds an ``int`` (None: unbounded).
+    ``parse`` replaces the kind's reader: it raises ``ValueError`` whose message names the bad value and
+    what was expected (it follows the flag or variable in the error line). ``show`` formats the default for
+    ``--help`` and the README; ``metavar`` names the value in ``--help``. A list or dict default is copied
+    for each instance.
     """
     if kind is None:
         if choices is not None:
