@@ -1,194 +1,37 @@
-"""Every setting of the gateway in one value, with its default, its flag and its environment variable.
+"""Reading settings: a command line plus the environment into a settings dataclass.
 
-:func:`parse_args` turns a command line plus the environment into a :class:`Config`; ``python -m gateway
---help`` prints the same table. Limits are named here and nowhere else.
+The settings themselves are defined once, in :mod:`gateway.settings` (flag, variable, default, help, kind);
+this module reads them. :class:`SettingsParser` makes the command line of any settings dataclass (the
+gateway's :class:`Config`, the stock daemon's), :func:`parse_args` gives the gateway's :class:`Config`,
+``python -m gateway --help`` and :func:`markdown_table` (the README's table) come from the same fields.
+
+Every process reads values the same way: a flag wins over its variable, which wins over the default; an
+empty variable counts as unset; sizes take ``KiB``/``MiB``/``GiB``, booleans ``yes``/``no`` and the like.
+A bad value raises :class:`ConfigError`, one line naming the flag or variable, the value and the form
+expected, which the command prints before exiting with status 2.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import re
 import ssl
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
-__all__ = ["Config", "ConfigError", "build_parser", "markdown_table", "parse_args"]
+from gateway.settings import Config, default_of, default_text, settings_fields
 
-
-def _setting(default: Any, flag: str, env: str, help: str, **kw: Any) -> Any:
-    meta = {"flag": flag, "env": env, "help": help, **kw}
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=meta)
-    return field(default=default, metadata=meta)
-
-
-@dataclass(slots=True)
-class Config:
-    """The gateway's configuration. Field metadata carries the flag, the variable and the help text."""
-
-    host: str = _setting("127.0.0.1", "--host", "GATEWAY_HOST", "address to listen on")
-    port: int = _setting(8181, "--port", "PORT", "WebSocket/HTTP port (ws://HOST:PORT/ws)", kind="port")
-    tcp_port: int | None = _setting(
-        None,
-        "--tcp-port",
-        "GATEWAY_TCP_PORT",
-        "also serve plain STOMP over TCP on this port (61613 is usual)",
-        kind="port",
-    )
-    broker: str = _setting(
-        "auto",
-        "--broker",
-        "GATEWAY_BROKER",
-        "'rabbitmq', 'memory' (embedded, nothing survives a restart) or 'auto': rabbitmq when an AMQP URL is set",
-        choices=["auto", "rabbitmq", "memory"],
-    )
-    amqp_url: str | None = _setting(
-        None,
-        "--amqp-url",
-        "AMQP_URL",
-        "RabbitMQ URL, amqp:// or amqps://, e.g. amqp://guest:guest@127.0.0.1:5672/ (selects RabbitMQ)",
-        kind="url",
-    )
-    default_login: str = _setting(
-        "guest", "--default-login", "GATEWAY_DEFAULT_LOGIN", "login for CONNECT without one"
-    )
-    default_passcode: str = _setting(
-        "guest", "--default-passcode", "GATEWAY_DEFAULT_PASSCODE", "passcode for CONNECT without a login"
-    )
-    default_vhost: str = _setting(
-        "/", "--default-vhost", "GATEWAY_DEFAULT_VHOST", "vhost for CONNECT without host"
-    )
-    allowed_origins: list[str] = _setting(
-        [],
-        "--allowed-origin",
-        "GATEWAY_ALLOWED_ORIGINS",
-        "browser Origin allowed to connect (repeatable; env: comma-separated); none given = any origin; "
-        "clients that send no Origin are always accepted",
-        action="append",
-    )
-    certfile: str | None = _setting(
-        None, "--certfile", "GATEWAY_CERTFILE", "TLS certificate (PEM) for wss:// and https://", kind="file"
-    )
-    keyfile: str | None = _setting(None, "--keyfile", "GATEWAY_KEYFILE", "TLS private key (PEM)", kind="file")
-    compression: bool = _setting(
-        False,
-        "--compression",
-        "GATEWAY_COMPRESSION",
-        "offer permessage-deflate (costs CPU and ~50 KiB per connection)",
-        kind="bool",
-    )
-    max_frame_size: int = _setting(
-        4 * 1024 * 1024,
-        "--max-frame-size",
-        "GATEWAY_MAX_FRAME_SIZE",
-        "largest STOMP frame after CONNECT",
-        kind="size",
-    )
-    max_frame_size_unauthenticated: int = _setting(
-        64 * 1024,
-        "--max-frame-size-unauthenticated",
-        "GATEWAY_MAX_FRAME_SIZE_UNAUTHENTICATED",
-        "largest STOMP frame before CONNECT succeeds",
-        kind="size",
-    )
-    max_headers: int = _setting(100, "--max-headers", "GATEWAY_MAX_HEADERS", "most headers in one frame")
-    max_header_line: int = _setting(
-        8 * 1024,
-        "--max-header-line",
-        "GATEWAY_MAX_HEADER_LINE",
-        "longest header line (and command line)",
-        kind="size",
-    )
-    max_subscriptions: int = _setting(
-        1000, "--max-subscriptions", "GATEWAY_MAX_SUBSCRIPTIONS", "most subscriptions one session may hold"
-    )
-    max_transactions: int = _setting(
-        100, "--max-transactions", "GATEWAY_MAX_TRANSACTIONS", "most open transactions in one session"
-    )
-    max_transaction_frames: int = _setting(
-        10_000,
-        "--max-transaction-frames",
-        "GATEWAY_MAX_TRANSACTION_FRAMES",
-        "most frames buffered in one transaction",
-    )
-    max_transaction_bytes: int = _setting(
-        16 * 1024 * 1024,
-        "--max-transaction-bytes",
-        "GATEWAY_MAX_TRANSACTION_BYTES",
-        "bodies one session may hold in open transactions",
-        kind="size",
-    )
-    max_outbound_buffer: int = _setting(
-        4 * 1024 * 1024,
-        "--max-outbound-buffer",
-        "GATEWAY_MAX_OUTBOUND_BUFFER",
-        "what may wait behind the message being written to one client before it is disconnected as slow",
-        kind="size",
-    )
-    login_timeout: float = _setting(
-        10.0, "--login-timeout", "GATEWAY_LOGIN_TIMEOUT", "seconds to send CONNECT", kind="seconds"
-    )
-    heartbeat_min: int = _setting(
-        1000,
-        "--heartbeat-min",
-        "GATEWAY_HEARTBEAT_MIN",
-        "smallest heart-beat interval the server agrees to, ms",
-    )
-    heartbeat_max: int = _setting(
-        600_000,
-        "--heartbeat-max",
-        "GATEWAY_HEARTBEAT_MAX",
-        "largest heart-beat interval the server agrees to, ms",
-    )
-    topic_exchange: str = _setting(
-        "amq.topic", "--topic-exchange", "GATEWAY_TOPIC_EXCHANGE", "exchange behind /topic"
-    )
-    sessions_per_connection: int = _setting(
-        500,
-        "--sessions-per-connection",
-        "GATEWAY_SESSIONS_PER_CONNECTION",
-        "STOMP sessions sharing one AMQP connection",
-    )
-    shared_fanout: bool = _setting(
-        True,
-        "--shared-fanout",
-        "GATEWAY_SHARED_FANOUT",
-        "consume a non-durable /topic or /exchange subscription once per AMQP connection and fan out in process",
-        kind="bool",
-    )
-    workers: int = _setting(
-        1,
-        "--workers",
-        "GATEWAY_WORKERS",
-        "gateway processes sharing the port (SO_REUSEPORT); needs RabbitMQ, as the embedded broker is per process",
-    )
-    with_stock_daemon: bool = _setting(
-        False,
-        "--with-stock-daemon",
-        "GATEWAY_WITH_STOCK_DAEMON",
-        "run the stock price daemon in this process",
-        kind="bool",
-    )
-    web_root: str | None = _setting(
-        None,
-        "--web-root",
-        "GATEWAY_WEB_ROOT",
-        "folder served at / (default: the bundled ticker page; 'none' disables)",
-    )
-    server_name: str = _setting(
-        "stomp-ws-gateway/0.1", "--server-name", "GATEWAY_SERVER_NAME", "CONNECTED server header"
-    )
-    log_level: str = _setting(
-        "INFO", "--log-level", "LOG_LEVEL", "DEBUG, INFO, WARNING or ERROR", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
-    )
-    log_format: str = _setting(
-        "text", "--log-format", "LOG_FORMAT", "log lines as text or as JSON objects", choices=["text", "json"]
-    )
-
+__all__ = [
+    "Config",
+    "ConfigError",
+    "SettingsParser",
+    "build_parser",
+    "markdown_table",
+    "parse_args",
+    "read_environment",
+]
 
 class ConfigError(SystemExit):
     """A bad setting: ``message`` is the one line to print; the exit code is 2 (as for a usage error)."""
@@ -227,12 +70,12 @@ def _parse_bool(text: str) -> bool:
     raise ValueError("true or false (also yes/no, on/off, 1/0)")
 
 
-def _parse_int(text: str, minimum: int = 1) -> int:
+def _parse_int(text: str, minimum: int | None = 1) -> int:
     stripped = text.strip()
-    if not stripped.isascii() or not stripped.lstrip("-").isdigit():
+    if not stripped.isascii() or not stripped.removeprefix("-").isdigit():
         raise ValueError("a whole number")
     value = int(stripped)
-    if value < minimum:
+    if minimum is not None and value < minimum:
         raise ValueError(f"a whole number of at least {minimum}")
     return value
 
@@ -276,6 +119,16 @@ def _parse_file(text: str) -> str:
     return text
 
 
+def _parse_number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError("a number greater than 0 (e.g. 250 or 2.5)") from None
+    if not value > 0 or value == float("inf"):
+        raise ValueError("a number greater than 0")
+    return value
+
+
 def _show(value: str, kind: str | None) -> str:
     """The value as the error line may show it: never an AMQP URL's password."""
     if kind == "url":
@@ -285,113 +138,148 @@ def _show(value: str, kind: str | None) -> str:
     return repr(value)
 
 
-_PARSERS = {
+_READERS: dict[str, Callable[[str], Any]] = {
     "size": _parse_size,
     "bool": _parse_bool,
     "port": _parse_port,
     "seconds": _parse_seconds,
+    "number": _parse_number,
     "url": _parse_url,
     "file": _parse_file,
 }
-_INT_MINIMUM = {"heartbeat_min": 0, "heartbeat_max": 0}
+_METAVARS = {
+    "size": "SIZE", "port": "PORT", "url": "URL", "file": "FILE", "seconds": "SECONDS", "number": "NUMBER", "int": "N"
+}
+
+
+def _choice(text: str, choices: Sequence[str]) -> str:
+    value = text.strip()
+    if all(choice.isupper() for choice in choices):  # log levels: 'debug' means DEBUG
+        value = value.upper()
+    if value not in choices:
+        raise ValueError("one of " + ", ".join(choices))
+    return value
 
 
 def _convert(f: Any, raw: str, source: str) -> Any:
-    """One setting's text (from ``source``: its flag or its variable) as a value, or a ConfigError."""
+    """One setting's text (from ``source``: its flag or its variable) as a value, or a :class:`ConfigError`."""
     meta = f.metadata
-    kind = meta.get("kind")
+    kind = meta["kind"]
+    if "parse" in meta:
+        try:
+            return meta["parse"](raw)
+        except ValueError as exc:  # the setting's own reader names the value and what it expected
+            raise ConfigError(f"{source}: {exc}") from None
     try:
-        if "choices" in meta:
-            choices = meta["choices"]
-            value = raw.strip().upper() if f.name == "log_level" else raw.strip()
-            if value not in choices:
-                raise ValueError("one of " + ", ".join(choices))
-            return value
-        if meta.get("action") == "append":
+        if kind == "choice":
+            return _choice(raw, meta["choices"])
+        if kind == "list":
             return [part.strip() for part in raw.split(",") if part.strip()]
-        if kind in _PARSERS:
-            return _PARSERS[kind](raw)
-        if f.type in ("int", "int | None"):
-            return _parse_int(raw, _INT_MINIMUM.get(f.name, 1))
+        if kind == "int":
+            return _parse_int(raw, meta["minimum"])
+        if kind in _READERS:
+            return _READERS[kind](raw)
         return raw
     except ValueError as exc:
         raise ConfigError(f"{source}: {_show(raw, kind)} is not valid: expected {exc}") from None
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:  # one line, exit code 2
-        raise ConfigError(message)
+def _value(f: Any, given: Any, env: Mapping[str, str]) -> Any:
+    """The flag's value if given, else the variable's if set and not empty, else the default."""
+    meta = f.metadata
+    if isinstance(given, bool):
+        return given
+    if isinstance(given, list):
+        return [item for raw in given for item in _convert(f, raw, meta["flag"])]
+    if given is not None:
+        return _convert(f, given, meta["flag"])
+    text = env.get(meta["env"], "")
+    if text.strip() != "":
+        return _convert(f, text, meta["env"])
+    return default_of(f)
 
 
-def _default_text(f: Any) -> str:
-    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-    if f.metadata.get("kind") == "size" and isinstance(default, int):
-        for unit, factor in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
-            if default % factor == 0:
-                return f"{default // factor} {unit}"
-    if isinstance(default, bool):
-        return "on" if default else "off"
-    if default is None or default == []:
-        return "unset"
-    return str(default)
+EPILOG = (
+    "Every flag can also be set through the environment variable shown in brackets; flags win.\n"
+    "Sizes take plain bytes or KiB/MiB/GiB (4MiB); booleans take true/false, yes/no, on/off, 1/0."
+)
 
 
-def markdown_table() -> str:
-    """The README's configuration table, made from the settings themselves (a test compares the two)."""
-    rows = ["| flag | variable | default | meaning |", "|---|---|---|---|"]
-    for f in fields(Config):
+class SettingsParser(argparse.ArgumentParser):
+    """The command line of one or more settings dataclasses: a flag per setting (``--help`` shows its
+    default and variable), and a :meth:`parse_args` whose namespace holds every setting's **value**: the
+    flag's, else the variable's (from ``environ``, ``os.environ`` if None), else the default. A bad value,
+    an unknown flag or a missing argument raises :class:`ConfigError` (nothing is printed)."""
+
+    def __init__(self, *classes: type, environ: Mapping[str, str] | None = None, **kwargs: Any) -> None:
+        kwargs.setdefault("epilog", EPILOG)
+        super().__init__(formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
+        self.settings = settings_fields(*classes)
+        self.environ = environ
+        for f in self.settings:
+            self._add_setting(f)
+
+    def _add_setting(self, f: Any) -> None:
         meta = f.metadata
-        flag = f"`{meta['flag']}` / `--no-{meta['flag'][2:]}`" if meta.get("kind") == "bool" else f"`{meta['flag']}`"
-        rows.append(f"| {flag} | `{meta['env']}` | {_default_text(f)} | {meta['help'].replace('|', '/')} |")
-    return "\n".join(rows) + "\n"
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
-        prog="python -m gateway",
-        description="STOMP 1.0-1.2 over WebSocket (and TCP) into RabbitMQ or the embedded broker.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Every flag can also be set through the environment variable shown in brackets; flags win.\n"
-        "Sizes take plain bytes or KiB/MiB/GiB (4MiB); booleans take true/false, yes/no, on/off, 1/0.",
-    )
-    for f in fields(Config):
-        meta = f.metadata
-        helptext = f"{meta['help']} (default: {_default_text(f)}) [{meta['env']}]"
-        if meta.get("kind") == "bool":
-            parser.add_argument(
+        helptext = f"{meta['help']} (default: {default_text(f)}) [{meta['env']}]"
+        if meta["kind"] == "bool":
+            self.add_argument(
                 meta["flag"], dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=helptext
             )
-            continue
-        metavar = {"size": "SIZE", "port": "PORT", "url": "URL", "file": "FILE", "seconds": "SECONDS"}.get(
-            meta.get("kind", ""), "N" if f.type in ("int", "int | None") else "TEXT"
-        )
-        if "choices" in meta:
+            return
+        metavar = meta.get("metavar") or _METAVARS.get(meta["kind"], "TEXT")
+        if meta["kind"] == "choice":
             metavar = "{" + ",".join(meta["choices"]) + "}"
         kwargs: dict[str, Any] = {"dest": f.name, "default": None, "help": helptext, "metavar": metavar}
         if meta.get("action") == "append":
             kwargs["action"] = "append"
-        parser.add_argument(meta["flag"], **kwargs)
-    return parser
+        self.add_argument(meta["flag"], **kwargs)
+
+    def error(self, message: str) -> NoReturn:  # one line, exit code 2
+        raise ConfigError(message)
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        parsed, extras = super().parse_known_args(args, namespace)
+        env = os.environ if self.environ is None else self.environ
+        for f in self.settings:
+            setattr(parsed, f.name, _value(f, getattr(parsed, f.name), env))
+        return parsed, extras
+
+
+def read_environment(cls: type, environ: Mapping[str, str] | None = None) -> argparse.Namespace:
+    """The values of ``cls``'s settings as the environment alone sets them (no command line): what a
+    process reads of another one's settings (the gateway of the stock daemon's). Raises :class:`ConfigError`."""
+    return SettingsParser(cls, environ=environ).parse_args([])
+
+
+def markdown_table(*classes: type) -> str:
+    """The README's table of the settings of ``classes`` (default: the gateway's :class:`Config`), made
+    from their definitions; a test compares the README with it."""
+    rows = ["| flag | variable | default | meaning |", "|---|---|---|---|"]
+    for f in settings_fields(*(classes or (Config,))):
+        meta = f.metadata
+        flag = f"`{meta['flag']}` / `--no-{meta['flag'][2:]}`" if meta["kind"] == "bool" else f"`{meta['flag']}`"
+        rows.append(f"| {flag} | `{meta['env']}` | {default_text(f)} | {meta['help'].replace('|', '/')} |")
+    return "\n".join(rows) + "\n"
+
+
+def build_parser(environ: Mapping[str, str] | None = None) -> SettingsParser:
+    """The gateway's command line (``python -m gateway``); see :class:`SettingsParser`."""
+    return SettingsParser(
+        Config,
+        environ=environ,
+        prog="python -m gateway",
+        description="STOMP 1.0-1.2 over WebSocket (and TCP) into RabbitMQ or the embedded broker.",
+    )
 
 
 def parse_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Config:
     """Flags win over environment variables, which win over defaults. A bad setting raises
     :class:`ConfigError` naming the flag or variable, the value and the form expected."""
     env = os.environ if environ is None else environ
-    ns = build_parser().parse_args(argv)
-    values: dict[str, Any] = {}
-    for f in fields(Config):
-        meta = f.metadata
-        given = getattr(ns, f.name)
-        if isinstance(given, bool):
-            values[f.name] = given
-        elif isinstance(given, list):
-            values[f.name] = [item for raw in given for item in _convert(f, raw, meta["flag"])]
-        elif given is not None:
-            values[f.name] = _convert(f, given, meta["flag"])
-        elif env.get(meta["env"], "") != "":
-            values[f.name] = _convert(f, env[meta["env"]], meta["env"])
-    config = Config(**values)
+    config = Config(**vars(build_parser(env).parse_args(argv)))
     if config.broker == "auto":
         config.broker = "rabbitmq" if config.amqp_url else "memory"
     if config.broker == "rabbitmq" and not config.amqp_url:
@@ -423,5 +311,5 @@ def _check(config: Config, env: Mapping[str, str]) -> None:
 
         try:
             DaemonConfig.from_env(env)
-        except ValueError as exc:
-            raise ConfigError(f"--with-stock-daemon: {exc}") from None
+        except ConfigError as exc:
+            raise ConfigError(f"--with-stock-daemon: {exc.message}") from None

@@ -14,12 +14,14 @@ import collections
 import contextlib
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from gateway import metrics
 from gateway.broker.base import Broker, BrokerError, Channel, ChannelClosed, Delivery
 from gateway.fanout import FanoutRegistry, Sink
 from gateway.metrics import TALLY
+from gateway.settings import DEFAULTS
 from gateway.stomp.frames import Frame, Limits, ProtocolError
 from gateway.stomp.session import (
     Ack,
@@ -124,23 +126,21 @@ class Backlog:
         return self.written - ends[0] if ends else 0
 
 
+@dataclass(kw_only=True, slots=True)
 class ConnectionSettings:
-    """Limits and timers of the connection layer (from :class:`gateway.config.Config`)."""
+    """Limits and timers of the connection layer: the parser's :class:`Limits`, the session's
+    :class:`SessionSettings`, and the two :class:`gateway.settings.Config` settings of the same names.
 
-    def __init__(
-        self,
-        *,
-        limits: Limits | None = None,
-        session: SessionSettings | None = None,
-        login_timeout: float = 10.0,
-        max_outbound_buffer: int = 4 * 1024 * 1024,
-        close_timeout: float = 5.0,
-    ) -> None:
-        self.limits = limits or Limits()
-        self.session = session or SessionSettings()
-        self.login_timeout = login_timeout
-        self.max_outbound_buffer = max_outbound_buffer
-        self.close_timeout = close_timeout
+    ``derive(ConnectionSettings, config)`` builds the whole tree from a configuration; the defaults are
+    the settings' own (defined once, in :mod:`gateway.settings`). ``close_timeout`` is no setting: the
+    seconds a closing connection waits for its last writes and broker operations.
+    """
+
+    limits: Limits = field(default_factory=Limits)
+    session: SessionSettings = field(default_factory=SessionSettings)
+    login_timeout: float = DEFAULTS.login_timeout
+    max_outbound_buffer: int = DEFAULTS.max_outbound_buffer
+    close_timeout: float = 5.0
 
 
 class StompConnection:

@@ -10,12 +10,13 @@ from typing import Any
 
 from gateway import metrics
 from gateway.broker.base import Broker
-from gateway.config import Config
+from gateway.config import Config, ConfigError
 from gateway.connection import ConnectionSettings, StompConnection
+from gateway.destinations import format_destination
 from gateway.fanout import FanoutRegistry
-from gateway.stomp.frames import Limits
-from gateway.stomp.session import SessionSettings
+from gateway.settings import derive
 from gateway.transport.http import DEFAULT_WEB_ROOT, HttpResponder
+from stock_daemon.daemon import DaemonConfig
 
 __all__ = ["Gateway", "ListenError", "make_broker"]
 
@@ -34,6 +35,16 @@ def make_broker(config: Config) -> Broker:
     return AmqpBroker(config.amqp_url, sessions_per_connection=config.sessions_per_connection)
 
 
+def _ticker_settings() -> DaemonConfig | None:
+    """The stock daemon's settings from this process's environment (the in-process daemon runs with them
+    and ``/info.json`` tells the page about them), or None, with a warning, if they are not valid."""
+    try:
+        return DaemonConfig.from_env()
+    except ConfigError as error:
+        logger.warning("the page gets no symbols from /info.json: %s", error.message)
+        return None
+
+
 class ListenError(Exception):
     """A listener could not open its port; the message names that listener, its port and why."""
 
@@ -48,30 +59,8 @@ class Gateway:
         self.config = config
         self.broker = broker or make_broker(config)
         self.registry = FanoutRegistry(self.broker, config.topic_exchange)
-        self.connection_settings = ConnectionSettings(
-            limits=Limits(
-                max_frame_size_unauthenticated=config.max_frame_size_unauthenticated,
-                max_frame_size=config.max_frame_size,
-                max_headers=config.max_headers,
-                max_header_line=config.max_header_line,
-            ),
-            session=SessionSettings(
-                default_login=config.default_login,
-                default_passcode=config.default_passcode,
-                default_vhost=config.default_vhost,
-                heartbeat_min=config.heartbeat_min,
-                heartbeat_max=config.heartbeat_max,
-                topic_exchange=config.topic_exchange,
-                max_subscriptions=config.max_subscriptions,
-                max_transactions=config.max_transactions,
-                max_transaction_frames=config.max_transaction_frames,
-                max_transaction_bytes=config.max_transaction_bytes,
-                server_name=config.server_name,
-                shared_fanout=config.shared_fanout,
-            ),
-            login_timeout=config.login_timeout,
-            max_outbound_buffer=config.max_outbound_buffer,
-        )
+        self.connection_settings = derive(ConnectionSettings, config)
+        self.ticker = _ticker_settings()
         self.connections: set[StompConnection] = set()
         self._metrics_task: asyncio.Task[None] | None = None
         self._servers: list[Any] = []
@@ -125,16 +114,34 @@ class Gateway:
             self._daemon_task = asyncio.create_task(self._run_stock_daemon(), name="stock-daemon")
 
     async def _run_stock_daemon(self) -> None:
-        from stock_daemon.daemon import DaemonConfig, run_daemon
+        from stock_daemon.daemon import run_daemon
 
+        if self.ticker is None:  # parse_args refuses this; a Config made in code may not have been checked
+            logger.error("stock daemon not started: its settings are not valid")
+            return
         principal = await self.broker.authenticate(
             self.config.default_login, self.config.default_passcode, self.config.default_vhost
         )
-        await run_daemon(self.broker, principal, DaemonConfig.from_env(), stop=self._daemon_stop)
+        await run_daemon(self.broker, principal, self.ticker, stop=self._daemon_stop)
 
-    def info(self) -> dict[str, str]:
-        """``/info.json``: what the page shows about the gateway (no address, port or user)."""
-        return {"broker": "RabbitMQ" if self.broker.kind == "rabbitmq" else "the embedded broker"}
+    def info(self) -> dict[str, object]:
+        """``/info.json``: what the page needs to know, never an address, port, user or URL.
+
+        ``broker`` names the broker in use. ``ticker`` (absent if the stock daemon's settings in this
+        process's environment are not valid) tells the page what the stock daemon publishes, from the
+        daemon's own settings (``STOCK_SYMBOLS``, ``STOCK_EXCHANGE``: give the gateway the same environment
+        as the daemon): its ``symbols``, the ``destination_prefix`` that a symbol completes into the
+        destination of its ticks, and the ``snapshot_destination`` to which snapshot requests go.
+        """
+        info: dict[str, object] = {"broker": "RabbitMQ" if self.broker.kind == "rabbitmq" else "the embedded broker"}
+        if self.ticker is not None:
+            info["ticker"] = {
+                "symbols": list(self.ticker.symbols),
+                # The daemon publishes with routing key = symbol; "" as the topic exchange keeps /exchange/X.
+                "destination_prefix": format_destination(self.ticker.exchange, "", topic_exchange="") + "/",
+                "snapshot_destination": format_destination("", self.ticker.snapshot_queue),
+            }
+        return info
 
     def not_ready(self) -> str | None:
         """Why the gateway should not take new clients now (``/readyz``), or None."""

@@ -7,20 +7,11 @@ Usage::
     stock-daemon --rate 5000                       # load test: 5000 ticks/s in total, round-robin
     AMQP_URL=amqp://user:pass@rabbit:5672/vhost stock-daemon --log-level DEBUG
 
-Every flag can also be set by an environment variable (the flag wins):
-
-==================  =====================  =========================================
-flag                environment            default
-==================  =====================  =========================================
-``--amqp-url``      ``AMQP_URL``           ``amqp://guest:guest@127.0.0.1:5672/``
-``--symbols``       ``STOCK_SYMBOLS``      ``AAPL=95,MSFT=50,AMZN=300,GOOG=550,YHOO=35,FB=75``
-``--min-interval``  ``STOCK_MIN_INTERVAL`` ``0.5`` (seconds)
-``--max-interval``  ``STOCK_MAX_INTERVAL`` ``2.5`` (seconds)
-``--rate``          ``STOCK_RATE``         unset (ticks/s in total; replaces the intervals)
-``--seed``          ``STOCK_SEED``         unset (random)
-``--exchange``      ``STOCK_EXCHANGE``     ``stocks``
-``--log-level``     ``LOG_LEVEL``          ``INFO``
-==================  =====================  =========================================
+Every flag can also be set by an environment variable (the flag wins); ``stock-daemon --help`` and the
+README's table list them with their defaults. They are defined once: :class:`Command` (where RabbitMQ is,
+how much to log) and the settings of :class:`stock_daemon.daemon.DaemonConfig`, read by the gateway's own
+machinery (:mod:`gateway.config`): the same value syntax, and a bad setting is one line on stderr and exit
+status 2, as for the gateway.
 
 What it publishes is described in :mod:`stock_daemon.publisher` (ticks) and :mod:`stock_daemon.snapshot`
 (the ``stocks.snapshot`` request queue). SIGINT and SIGTERM stop it cleanly (exit status 0). If RabbitMQ
@@ -34,135 +25,59 @@ import argparse
 import asyncio
 import contextlib
 import logging
-import os
 import signal
 import sys
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
 from gateway.broker.base import BrokerError, BrokerUnavailable
+from gateway.config import ConfigError, SettingsParser, markdown_table
+from gateway.settings import setting
 
 from .daemon import DaemonConfig, run_daemon
-from .publisher import DEFAULT_EXCHANGE
-from .quotes import DEFAULT_SYMBOLS, format_symbols, parse_symbols
 
-__all__ = ["build_parser", "config_from_args", "main"]
+__all__ = ["Command", "build_parser", "config_from_args", "main", "settings_table"]
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
 PROG = "stock-daemon"
 
 
-def _symbols(text: str) -> dict[str, int]:
-    try:
-        return parse_symbols(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+@dataclass(frozen=True, slots=True)
+class Command:
+    """The settings of the ``stock-daemon`` process itself, next to those of :class:`DaemonConfig`."""
+
+    amqp_url: str = setting(
+        DEFAULT_AMQP_URL, "--amqp-url", "AMQP_URL", "RabbitMQ URL, with login, password and vhost", kind="url"
+    )
+    log_level: str = setting(
+        "INFO", "--log-level", "LOG_LEVEL", "CRITICAL, ERROR, WARNING, INFO or DEBUG", choices=LOG_LEVELS
+    )
 
 
-def _number(kind: Callable[[str], float], what: str) -> Callable[[str], float]:
-    def convert(text: str) -> float:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"{text!r}: must be greater than 0")
-        return value
-
-    return convert
-
-
-def _seed(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-
-
-def _log_level(text: str) -> str:
-    level = text.strip().upper()
-    if level not in LOG_LEVELS:
-        raise argparse.ArgumentTypeError(f"{text!r}: choose one of {', '.join(LOG_LEVELS)}")
-    return level
-
-
-def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
-    """The command line, with defaults taken from ``environ`` (``os.environ`` if omitted).
-
-    Environment values go through the same validation as flags (argparse converts string defaults).
-    """
-    env = os.environ if environ is None else environ
-    parser = argparse.ArgumentParser(
+def build_parser(environ: Mapping[str, str] | None = None) -> SettingsParser:
+    """The command line; its ``parse_args`` gives every setting's value, the flag's, else the variable's
+    from ``environ`` (``os.environ`` if omitted), else the default, and raises :class:`ConfigError`."""
+    return SettingsParser(
+        Command,
+        DaemonConfig,
+        environ=environ,
         prog=PROG,
         description="Publish fake stock ticks to RabbitMQ's 'stocks' topic exchange and answer "
         "'stocks.snapshot' requests.",
-        epilog="Every option can also be set by the environment variable named in its help.",
+        epilog="Every flag can also be set through the environment variable shown in brackets; flags win.",
     )
-    parser.add_argument(
-        "--amqp-url",
-        default=env.get("AMQP_URL", DEFAULT_AMQP_URL),
-        help="RabbitMQ URL, with login, password and vhost (env AMQP_URL; default %(default)s)",
-    )
-    parser.add_argument(
-        "--symbols",
-        type=_symbols,
-        default=env.get("STOCK_SYMBOLS", format_symbols(DEFAULT_SYMBOLS.items())),
-        metavar="SYM=PRICE,...",
-        help="symbols and opening prices (env STOCK_SYMBOLS; default %(default)s)",
-    )
-    parser.add_argument(
-        "--min-interval",
-        type=_number(float, "a number of seconds"),
-        default=env.get("STOCK_MIN_INTERVAL", "0.5"),
-        metavar="SECONDS",
-        help="shortest time between two ticks of one symbol (env STOCK_MIN_INTERVAL; default %(default)s)",
-    )
-    parser.add_argument(
-        "--max-interval",
-        type=_number(float, "a number of seconds"),
-        default=env.get("STOCK_MAX_INTERVAL", "2.5"),
-        metavar="SECONDS",
-        help="longest time between two ticks of one symbol (env STOCK_MAX_INTERVAL; default %(default)s)",
-    )
-    parser.add_argument(
-        "--rate",
-        type=_number(float, "a number of ticks per second"),
-        default=env.get("STOCK_RATE") or None,
-        metavar="TICKS_PER_SECOND",
-        help="ticks per second across all symbols, round-robin; overrides the intervals "
-        "(env STOCK_RATE; default: unset)",
-    )
-    parser.add_argument(
-        "--seed",
-        type=_seed,
-        default=env.get("STOCK_SEED") or None,
-        help="seed for reproducible prices (env STOCK_SEED; default: random)",
-    )
-    parser.add_argument(
-        "--exchange",
-        default=env.get("STOCK_EXCHANGE", DEFAULT_EXCHANGE),
-        help="topic exchange to publish to (env STOCK_EXCHANGE; default %(default)s)",
-    )
-    parser.add_argument(
-        "--log-level",
-        type=_log_level,
-        default=env.get("LOG_LEVEL", "INFO"),
-        help="CRITICAL, ERROR, WARNING, INFO or DEBUG (env LOG_LEVEL; default %(default)s)",
-    )
-    return parser
 
 
 def config_from_args(args: argparse.Namespace) -> DaemonConfig:
-    """The :class:`DaemonConfig` that parsed arguments describe (``ValueError`` if inconsistent)."""
-    return DaemonConfig(
-        symbols=args.symbols,
-        min_interval=args.min_interval,
-        max_interval=args.max_interval,
-        rate=args.rate,
-        seed=args.seed,
-        exchange=args.exchange,
-    )
+    """The :class:`DaemonConfig` that parsed arguments describe (:class:`ConfigError` if inconsistent)."""
+    return DaemonConfig.from_settings(args)
+
+
+def settings_table() -> str:
+    """The README's table of ``stock-daemon``'s settings (a test compares the two)."""
+    return markdown_table(Command, DaemonConfig)
 
 
 def redact_url(url: str) -> str:
@@ -230,13 +145,13 @@ async def _run(url: str, config: DaemonConfig) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``stock-daemon``; returns the exit status."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    """Entry point of ``stock-daemon``; returns the exit status (2 for a bad setting, printed as one line)."""
     try:
+        args = build_parser().parse_args(argv)
         config = config_from_args(args)
-    except ValueError as exc:
-        parser.error(str(exc))
+    except ConfigError as error:
+        print(f"{PROG}: {error.message}", file=sys.stderr)
+        return 2
     logging.basicConfig(
         level=args.log_level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

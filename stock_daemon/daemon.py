@@ -25,17 +25,18 @@ import contextlib
 import heapq
 import logging
 import math
-import os
 import random
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from gateway.broker.base import Broker, BrokerError, Channel, ChannelClosed
+from gateway.config import ConfigError, read_environment
+from gateway.settings import derive, setting
 
 from .publisher import DEFAULT_EXCHANGE, TickPublisher
-from .quotes import DEFAULT_SYMBOLS, PriceWalk, parse_symbols
+from .quotes import DEFAULT_SYMBOLS, PriceWalk, format_symbols, parse_symbols
 from .snapshot import SNAPSHOT_QUEUE, SnapshotService
 
 __all__ = [
@@ -56,21 +57,44 @@ MAX_LAG = 1.0
 YIELD_EVERY = 64
 
 
-def _default_symbols() -> dict[str, int]:
-    return dict(DEFAULT_SYMBOLS)
-
-
 @dataclass(frozen=True, slots=True)
 class DaemonConfig:
-    """Every setting of the daemon. Prices are opening prices in integer cents."""
+    """Every setting of the daemon. Prices are opening prices in integer cents.
 
-    symbols: Mapping[str, int] = field(default_factory=_default_symbols)
-    min_interval: float = 0.5
-    max_interval: float = 2.5
+    The fields made with :func:`gateway.settings.setting` are the daemon's settings (flag, variable, default
+    and help, defined here once): ``stock-daemon``'s command line, :meth:`from_env` (the gateway's
+    ``--with-stock-daemon``), the gateway's ``/info.json`` (the page's symbols and destinations) and the
+    README's table of them are all made from these fields. The others are fixed for a run (tests change them).
+    """
+
+    symbols: Mapping[str, int] = setting(
+        dict(DEFAULT_SYMBOLS),
+        "--symbols",
+        "STOCK_SYMBOLS",
+        "symbols and opening prices; the page shows these unless the visitor chose others",
+        parse=parse_symbols,
+        show=lambda symbols: format_symbols(symbols.items()),
+        metavar="SYM=PRICE,...",
+    )
+    min_interval: float = setting(
+        0.5, "--min-interval", "STOCK_MIN_INTERVAL", "shortest time between two ticks of one symbol", kind="seconds"
+    )
+    max_interval: float = setting(
+        2.5, "--max-interval", "STOCK_MAX_INTERVAL", "longest time between two ticks of one symbol", kind="seconds"
+    )
     #: Ticks per second across all symbols; when set, replaces the random intervals.
-    rate: float | None = None
-    seed: int | None = None
-    exchange: str = DEFAULT_EXCHANGE
+    rate: float | None = setting(
+        None,
+        "--rate",
+        "STOCK_RATE",
+        "ticks per second across all symbols, round-robin; replaces the intervals (load tests)",
+        kind="number",
+        metavar="TICKS_PER_SECOND",
+    )
+    seed: int | None = setting(
+        None, "--seed", "STOCK_SEED", "seed for reproducible prices (random when unset)", kind="int", minimum=None
+    )
+    exchange: str = setting(DEFAULT_EXCHANGE, "--exchange", "STOCK_EXCHANGE", "topic exchange the ticks go to")
     snapshot_queue: str = SNAPSHOT_QUEUE
     reconnect_initial: float = 0.5
     reconnect_max: float = 10.0
@@ -91,51 +115,24 @@ class DaemonConfig:
             raise ValueError("reconnect delays must satisfy 0 < initial <= max")
 
     @classmethod
+    def from_settings(cls, values: object) -> DaemonConfig:
+        """The config that read settings describe (an object or namespace with the fields' names, e.g.
+        ``stock-daemon``'s parsed command line); fields it lacks keep their defaults. Settings that are
+        wrong together (``--min-interval`` above ``--max-interval``) raise :class:`ConfigError`."""
+        try:
+            return derive(cls, values)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+
+    @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> DaemonConfig:
         """The config that ``STOCK_SYMBOLS``, ``STOCK_MIN_INTERVAL``, ``STOCK_MAX_INTERVAL``, ``STOCK_RATE``,
         ``STOCK_SEED`` and ``STOCK_EXCHANGE`` describe (the variables behind ``stock-daemon``'s flags);
-        unset or empty ones keep their defaults. Raises ``ValueError`` naming the bad variable.
+        unset or empty ones keep their defaults. Raises :class:`ConfigError` naming the bad variable.
 
-        The gateway's ``--with-stock-daemon`` uses this.
+        The gateway uses this for ``--with-stock-daemon`` and for what ``/info.json`` tells the page.
         """
-        env = os.environ if environ is None else environ
-        settings: dict[str, Any] = {}
-        for name, variable, convert in _ENVIRONMENT:
-            text = env.get(variable, "").strip()
-            if text:
-                try:
-                    settings[name] = convert(text)
-                except ValueError as exc:
-                    raise ValueError(f"{variable}: {exc}") from None
-        return cls(**settings)
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise ValueError(f"{text!r} is not a number") from None
-    if not value > 0:
-        raise ValueError(f"{text!r}: must be greater than 0")
-    return value
-
-
-def _integer(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise ValueError(f"{text!r} is not an integer") from None
-
-
-#: DaemonConfig field, environment variable, conversion (see :meth:`DaemonConfig.from_env`).
-_ENVIRONMENT: tuple[tuple[str, str, Callable[[str], Any]], ...] = (
-    ("symbols", "STOCK_SYMBOLS", parse_symbols),
-    ("min_interval", "STOCK_MIN_INTERVAL", _positive_float),
-    ("max_interval", "STOCK_MAX_INTERVAL", _positive_float),
-    ("rate", "STOCK_RATE", _positive_float),
-    ("seed", "STOCK_SEED", _integer),
-    ("exchange", "STOCK_EXCHANGE", str),
-)
+        return cls.from_settings(read_environment(cls, environ))
 
 
 class TickSchedule(Protocol):

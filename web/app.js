@@ -1,17 +1,22 @@
 /*
  * The live stock ticker page.
  *
+ * Settings: the page repeats none of the stock daemon's. It first asks the gateway (GET info.json) for the
+ * broker's name (the subtitle) and the ticker: the daemon's symbols (the rows shown unless the visitor
+ * chose others), the destination prefix a symbol completes (/exchange/stocks/ by default) and the
+ * snapshot destination (/queue/stocks.snapshot by default). Until it has them, the page says so, shows the
+ * visitor's stored rows and asks again (1 s doubling to 30 s); only then does it connect.
+ *
  * Data path: @stomp/stompjs (vendor/stomp.umd.min.js, global StompJs) connects to the gateway at
- * ws(s)://<this host>/ws. Every row subscribes to /exchange/stocks/<SYMBOL> (the stock daemon, or any
- * other service, publishes one JSON tick per symbol there). After each (re)connect the page also asks for
- * a snapshot: SEND /queue/stocks.snapshot with reply-to:/temp-queue/snapshot; the reply (a JSON list of
+ * ws(s)://<this host>/ws. Every row subscribes to <prefix><SYMBOL> (the stock daemon, or any other
+ * service, publishes one JSON tick per symbol there). After each (re)connect the page also asks for a
+ * snapshot: SEND <snapshot destination> with reply-to:/temp-queue/snapshot; the reply (a JSON list of
  * every quote the daemon knows) arrives as a MESSAGE whose subscription is /temp-queue/snapshot, which
  * stompjs hands to onUnhandledMessage, and fills the table at once. Any symbol can be added: a row
  * without a tick yet says "waiting for data", and after a while "no data yet".
  *
  * While the connection is down the rows are dimmed and the page says since when the prices are stale;
- * an ERROR from the server is shown in plain words and cleared once the connection is back. The
- * subtitle names the broker the gateway uses (GET info.json).
+ * an ERROR from the server is shown in plain words and cleared once the connection is back.
  *
  * Subscriptions are made in onConnect, so every automatic reconnect re-subscribes every row (the book's
  * client did not). A price flashes green when the NEW price is above the OLD one and red when below; an
@@ -23,11 +28,9 @@
   'use strict';
 
   const SYMBOL_RE = /^[A-Z][A-Z0-9.]{0,9}$/;
-  const DEFAULT_SYMBOLS = ['AAPL', 'MSFT', 'AMZN', 'GOOG', 'YHOO', 'FB'];
   const STORAGE_KEY = 'stock-ticker.symbols';
-  const EXCHANGE_PREFIX = '/exchange/stocks/';
-  const SNAPSHOT_QUEUE = '/queue/stocks.snapshot';
-  const SNAPSHOT_REPLY = '/temp-queue/snapshot';
+  const SNAPSHOT_REPLY = '/temp-queue/snapshot'; // the page's own name for its reply queue
+  const INFO_RETRY_MAX_MS = 30000;
   const SNAPSHOT_TIMEOUT_MS = 5000;
   const SPARK_POINTS = 40;
   const SPARK_WIDTH = 100;
@@ -57,6 +60,10 @@
   let messageTimer = null;
   let connectedAt = 0;
   let flapDelay = 0;
+  /** From info.json: {symbols, destination_prefix, snapshot_destination}; null until it answered. */
+  let ticker = null;
+  /** Whether the visitor's own list of symbols is in use (stored earlier, or changed on this page). */
+  let chosen = false;
 
   // Fixed format, whatever the locale: "1234.56", "+1.23", "-0.40", "0.00" (Number() reads them back).
   const priceFormat = new Intl.NumberFormat('en-US', {
@@ -129,6 +136,7 @@
 
   // ---- persistence --------------------------------------------------------------------------------
 
+  /** The visitor's stored symbols, cleaned, or null if none are stored (then the daemon's are shown). */
   function loadSymbols() {
     try {
       const stored = window.localStorage.getItem(STORAGE_KEY);
@@ -141,7 +149,7 @@
     } catch (err) {
       // Storage disabled or corrupt: fall back to the defaults.
     }
-    return DEFAULT_SYMBOLS.slice();
+    return null;
   }
 
   function saveSymbols() {
@@ -312,8 +320,8 @@
   client.beforeConnect = () => (flapDelay > 0 ? new Promise((resolve) => setTimeout(resolve, flapDelay)) : undefined);
 
   function subscribe(row) {
-    if (!client.connected || row.subscription) return;
-    row.subscription = client.subscribe(EXCHANGE_PREFIX + row.symbol, (message) => {
+    if (!ticker || !client.connected || row.subscription) return;
+    row.subscription = client.subscribe(ticker.destination_prefix + row.symbol, (message) => {
       let quote;
       try {
         quote = JSON.parse(message.body);
@@ -332,7 +340,7 @@
   function requestSnapshot() {
     snapshotCounter += 1;
     client.publish({
-      destination: SNAPSHOT_QUEUE,
+      destination: ticker.snapshot_destination,
       headers: { 'reply-to': SNAPSHOT_REPLY, 'correlation-id': `snapshot-${snapshotCounter}`, 'content-type': 'application/json' },
       body: '{}',
     });
@@ -408,6 +416,7 @@
       return false;
     }
     addRow(symbol);
+    chosen = true;
     saveSymbols();
     showMessage(`Added ${symbol}.`, 'info');
     // Fill the new row now rather than at its next tick (if the price service knows it).
@@ -417,6 +426,7 @@
 
   function removeSymbol(symbol) {
     dropRow(symbol);
+    chosen = true;
     saveSymbols();
     showMessage(`Removed ${symbol}.`, 'info');
     input.focus();
@@ -434,17 +444,50 @@
 
   // ---- start ----------------------------------------------------------------------------------------
 
-  // The subtitle names the broker actually behind the gateway.
-  fetch('info.json')
-    .then((response) => (response.ok ? response.json() : null))
-    .then((info) => {
-      if (info && info.broker) $('#broker').textContent = info.broker;
-    })
-    .catch(() => {});
+  /** The ticker part of info.json if it has every field the page needs, else null. */
+  function tickerOf(info) {
+    const t = info && info.ticker;
+    if (!t || !Array.isArray(t.symbols) || typeof t.destination_prefix !== 'string'
+        || typeof t.snapshot_destination !== 'string') return null;
+    return t;
+  }
+
+  /** info.json answered: name the broker, show the daemon's symbols unless the visitor chose others, connect. */
+  function start(info) {
+    if (info.broker) $('#broker').textContent = info.broker; // the broker actually behind the gateway
+    ticker = tickerOf(info);
+    if (!chosen) {
+      ticker.symbols.map(normalize).filter((s) => SYMBOL_RE.test(s) && !rows.has(s)).forEach(addRow);
+      saveSymbols();
+    }
+    emptyEl.hidden = rows.size > 0;
+    setStatus(false);
+    client.activate();
+  }
+
+  /** Ask the gateway for the ticker's settings; without them, say so and ask again later. */
+  function loadInfo(delay) {
+    fetch('info.json', { cache: 'no-store' })
+      .then((response) => (response.ok ? response.json() : null))
+      .then((info) => {
+        if (!tickerOf(info)) throw new Error('info.json has no ticker settings');
+        start(info);
+      })
+      .catch(() => {
+        const note = $('#stale-note');
+        note.textContent = 'The server has not said which prices it publishes yet: asking again…';
+        note.hidden = false;
+        setTimeout(() => loadInfo(Math.min(delay * 2, INFO_RETRY_MAX_MS)), delay);
+      });
+  }
 
   setStatus(false);
-  loadSymbols().forEach(addRow);
-  saveSymbols(); // what was stored, cleaned (upper case, valid symbols, no duplicates)
-  emptyEl.hidden = rows.size > 0;
-  client.activate();
+  const stored = loadSymbols();
+  if (stored !== null) {
+    chosen = true;
+    stored.forEach(addRow);
+    saveSymbols(); // what was stored, cleaned (upper case, valid symbols, no duplicates)
+  }
+  emptyEl.hidden = rows.size > 0 || !chosen;
+  loadInfo(1000);
 })();

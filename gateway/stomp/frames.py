@@ -23,6 +23,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from gateway.settings import DEFAULTS
+
 __all__ = [
     "DEFAULT_LIMITS",
     "SUPPORTED_VERSIONS_TEXT",
@@ -226,12 +228,14 @@ class Limits:
     """Named parser limits (RabbitMQ 4.2+ defaults). Exceeding one raises :class:`ProtocolError`.
 
     The frame size counts command, header lines, blank line and body (not the NUL or trailing EOLs).
+    Each field is the :class:`gateway.settings.Config` setting of the same name (its flag, variable, help
+    and default are defined there, once); ``derive(Limits, config)`` fills them from a configuration.
     """
 
-    max_frame_size_unauthenticated: int = 64 * 1024  # until CONNECT succeeded
-    max_frame_size: int = 4 * 1024 * 1024  # after
-    max_headers: int = 100  # header lines per frame
-    max_header_line: int = 8 * 1024  # bytes in one header line, and in the command line
+    max_frame_size_unauthenticated: int = DEFAULTS.max_frame_size_unauthenticated  # until CONNECT succeeded
+    max_frame_size: int = DEFAULTS.max_frame_size  # after
+    max_headers: int = DEFAULTS.max_headers  # header lines per frame
+    max_header_line: int = DEFAULTS.max_header_line  # bytes in one header line, and in the command line
 
 
 DEFAULT_LIMITS = Limits()  # RabbitMQ's defaults; FrameParser's default

@@ -42,6 +42,7 @@ from gateway.destinations import (
     temp_queue_plan,
 )
 from gateway.headers import delivery_headers, properties_from_send
+from gateway.settings import DEFAULTS
 from gateway.stomp.frames import (
     DEFAULT_LIMITS,
     SUPPORTED_VERSIONS_TEXT,
@@ -286,20 +287,24 @@ def negotiate_heartbeat(value: str | None, minimum: int, maximum: int) -> tuple[
 
 @dataclass(frozen=True, slots=True)
 class SessionSettings:
-    """The slice of the configuration a session needs (pure values)."""
+    """The slice of the configuration a session needs (pure values).
 
-    default_login: str = "guest"
-    default_passcode: str = "guest"
-    default_vhost: str = "/"
-    heartbeat_min: int = 1000
-    heartbeat_max: int = 600_000
-    topic_exchange: str = "amq.topic"
-    max_subscriptions: int = 1000
-    max_transactions: int = 100
-    max_transaction_frames: int = 10_000
-    max_transaction_bytes: int = 16 * 1024 * 1024
-    server_name: str = "stomp-ws-gateway/0.1"
-    shared_fanout: bool = True
+    Each field is the :class:`gateway.settings.Config` setting of the same name, whose definition (flag,
+    variable, help, default) is the only one; ``derive(SessionSettings, config)`` fills them from a configuration.
+    """
+
+    default_login: str = DEFAULTS.default_login
+    default_passcode: str = DEFAULTS.default_passcode
+    default_vhost: str = DEFAULTS.default_vhost
+    heartbeat_min: int = DEFAULTS.heartbeat_min
+    heartbeat_max: int = DEFAULTS.heartbeat_max
+    topic_exchange: str = DEFAULTS.topic_exchange
+    max_subscriptions: int = DEFAULTS.max_subscriptions
+    max_transactions: int = DEFAULTS.max_transactions
+    max_transaction_frames: int = DEFAULTS.max_transaction_frames
+    max_transaction_bytes: int = DEFAULTS.max_transaction_bytes
+    server_name: str = DEFAULTS.server_name
+    shared_fanout: bool = DEFAULTS.shared_fanout
 
 
 def _uint(text: str) -> int:

@@ -75,7 +75,7 @@ class HttpResponder:
         web_root: Path | None,
         ready: Callable[[], str | None],
         metrics: Callable[[], bytes] | None = None,
-        info: Callable[[], dict[str, str]] | None = None,
+        info: Callable[[], dict[str, object]] | None = None,
     ):
         self.web_root = web_root.resolve() if web_root is not None else None
         self.ready = ready

@@ -330,6 +330,41 @@ def test_embedded_broker_default_like_make_run(page: Page, embedded_gateway: Gat
     page.wait_for_function(SPARKLINES_HAVE, arg=[SYMBOLS, 2], timeout=4_000)
 
 
+# --- what the page learns from the server (GET info.json) -----------------------------------------------
+
+
+def test_the_page_takes_its_symbols_and_destinations_from_the_server(page: Page) -> None:
+    # The gateway runs the daemon in process with symbols and an exchange of their own; the page, which
+    # repeats neither, shows those symbols and gets their prices from that exchange.
+    env = {**_gateway_env(), "STOCK_SYMBOLS": "IBM=120,TSLA=250", "STOCK_EXCHANGE": "ticks-e2e"}
+    gw = GatewayProcess(
+        "gateway-own-symbols", free_port(), ["--broker", "memory", "--with-stock-daemon"], env=env
+    )
+    try:
+        gw.start()
+        open_ticker(page, gw.url, symbols=["IBM", "TSLA"], within=3.0)
+        assert page.evaluate(ROW_SYMBOLS) == ["IBM", "TSLA"]
+        wait_for_price_change(page, timeout_s=4.0)  # live ticks, not only the snapshot
+        assert stored_symbols(page) == ["IBM", "TSLA"]
+    finally:
+        gw.stop()
+
+
+def test_without_info_json_the_page_says_so_and_asks_again(page: Page, gateway: GatewayProcess) -> None:
+    page.route("**/info.json", lambda route: route.fulfill(status=503, body="not now"))
+    page.goto(gateway.url, wait_until="domcontentloaded", timeout=5_000)
+    note = page.locator("#stale-note")
+    expect(note).to_contain_text("has not said which prices it publishes", timeout=3_000)
+    expect(page.locator("#status")).to_have_text("Reconnecting…")
+    assert page.evaluate(ROW_SYMBOLS) == []
+    expect(page.locator("#empty")).to_be_hidden()  # not "no symbols": the page does not know them yet
+    assert stored_symbols(page) is None  # nothing saved that would hide the server's symbols later
+    page.unroute("**/info.json")
+    page.wait_for_function(ALL_PRICED, arg=SYMBOLS, timeout=6_000)  # asked again after 1 s, then 2 s
+    expect(page.locator("#status")).to_have_text("Online", timeout=1_000)
+    assert page.evaluate(ROW_SYMBOLS) == SYMBOLS
+
+
 # --- an ERROR frame ---------------------------------------------------------------------------------------
 
 # The page keeps its stompjs client in a closure, so the test reaches the page's own WebSocket instead:

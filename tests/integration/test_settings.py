@@ -4,15 +4,27 @@ expected; the real command (``python -m gateway``) is run for each (issue 11).""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import http.client
+import json
 import os
+import signal
 import socket
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from gateway.config import ConfigError, parse_args
-from tests.integration.test_process import free_port
+from gateway.config import Config, ConfigError, parse_args
+from gateway.connection import ConnectionSettings
+from gateway.server import Gateway
+from gateway.settings import derive
+from gateway.stomp.frames import Limits
+from gateway.stomp.session import SessionSettings
+from stock_daemon.quotes import DEFAULT_SYMBOLS
+from tests.conftest import AMQP_URL, rabbitmq_running
+from tests.integration.test_process import free_port, wait_for_port
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -130,3 +142,110 @@ def test_the_readme_table_is_the_settings_table() -> None:
 
     readme = (ROOT / "README.md").read_text()
     assert markdown_table() in readme, "README.md's configuration table differs from gateway/config.py: paste markdown_table()"
+
+
+# --- One definition per setting ---------------------------------------------------------------------------
+
+
+def _not_taken(cls: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls) if f.name not in {c.name for c in dataclasses.fields(Config)}}
+
+
+def test_each_layers_settings_are_config_settings_with_their_defaults() -> None:
+    # Limits, SessionSettings and ConnectionSettings name Config fields: nothing of their own but the nesting
+    # and close_timeout (no setting), and a default of their own would differ from Config's here.
+    assert _not_taken(Limits) == set()
+    assert _not_taken(SessionSettings) == set()
+    assert _not_taken(ConnectionSettings) == {"limits", "session", "close_timeout"}
+    for cls in (Limits, SessionSettings, ConnectionSettings):
+        built = cls()
+        for f in dataclasses.fields(cls):
+            if f.name in {c.name for c in dataclasses.fields(Config)}:
+                assert getattr(built, f.name) == getattr(Config(), f.name), (cls.__name__, f.name)
+
+
+def test_the_gateway_derives_every_layers_settings_from_its_config() -> None:
+    changed = {
+        "max_frame_size": 1000, "max_frame_size_unauthenticated": 10, "max_headers": 7, "max_header_line": 9,
+        "default_login": "l", "default_passcode": "p", "default_vhost": "v", "heartbeat_min": 1,
+        "heartbeat_max": 2, "topic_exchange": "t", "max_subscriptions": 3, "max_transactions": 4,
+        "max_transaction_frames": 5, "max_transaction_bytes": 6, "server_name": "s", "shared_fanout": False,
+        "login_timeout": 1.5, "max_outbound_buffer": 11,
+    }
+    config = dataclasses.replace(Config(broker="memory"), **changed)
+    settings = Gateway(config).connection_settings
+    seen = {
+        **dataclasses.asdict(settings.limits),
+        **dataclasses.asdict(settings.session),
+        "login_timeout": settings.login_timeout,
+        "max_outbound_buffer": settings.max_outbound_buffer,
+    }
+    assert seen == changed
+    assert derive(ConnectionSettings, config) == settings
+
+
+# --- /info.json: what the page learns from the server ----------------------------------------------------
+
+
+def _http_get(port: int, path: str) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+async def _info_of_a_gateway(*args: str, env: dict[str, str]) -> tuple[dict[str, Any], str]:
+    """Run ``python -m gateway`` with ``env`` (and no other GATEWAY_/STOCK_ variable); its /info.json and log."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("GATEWAY_", "STOCK_"))}
+    environ.pop("AMQP_URL", None)
+    environ.update(env)
+    port = free_port()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway", "--port", str(port), *args,
+        cwd=ROOT, env=environ, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )
+    try:
+        await wait_for_port(port)
+        status, body = await asyncio.to_thread(_http_get, port, "/info.json")
+        assert status == 200, body
+    finally:
+        process.send_signal(signal.SIGTERM)
+        out, _ = await asyncio.wait_for(process.communicate(), 15)
+    return json.loads(body), out.decode() + f"\nport {port}"
+
+
+async def test_info_json_tells_the_page_the_daemons_symbols_and_destinations() -> None:
+    info, _ = await _info_of_a_gateway("--broker", "memory", env={})
+    assert info == {
+        "broker": "the embedded broker",
+        "ticker": {
+            "symbols": list(DEFAULT_SYMBOLS),
+            "destination_prefix": "/exchange/stocks/",
+            "snapshot_destination": "/queue/stocks.snapshot",
+        },
+    }
+
+
+@pytest.mark.skipif(not rabbitmq_running(), reason="RabbitMQ is not running on 127.0.0.1:5672")
+async def test_info_json_follows_the_daemons_variables_and_never_names_a_host_port_or_user() -> None:
+    env = {"STOCK_SYMBOLS": "ibm=120,TSLA=250.5", "STOCK_EXCHANGE": "ticks/eu", "AMQP_URL": AMQP_URL}
+    info, log = await _info_of_a_gateway("--default-login", "guest", env=env)
+    assert info["broker"] == "RabbitMQ"
+    assert info["ticker"] == {
+        "symbols": ["IBM", "TSLA"],
+        "destination_prefix": "/exchange/ticks%2Feu/",  # a destination, escaped as the gateway parses it
+        "snapshot_destination": "/queue/stocks.snapshot",
+    }
+    text = json.dumps(info)
+    port = log.rsplit("port ", 1)[1]
+    for secret in ("127.0.0.1", "5672", port, "guest", "amqp", "localhost"):
+        assert secret not in text, secret
+
+
+async def test_bad_daemon_variables_leave_the_page_without_a_ticker_and_are_logged() -> None:
+    info, log = await _info_of_a_gateway("--broker", "memory", env={"STOCK_SYMBOLS": "AAPL:abc"})
+    assert info == {"broker": "the embedded broker"}
+    assert "STOCK_SYMBOLS" in log and "/info.json" in log

@@ -17,13 +17,15 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from gateway.broker.base import Channel, Delivery, MessageProperties
 from gateway.broker.memory import MemoryBroker
-from stock_daemon.__main__ import build_parser, config_from_args, redact_url
+from gateway.config import ConfigError
+from stock_daemon.__main__ import build_parser, config_from_args, redact_url, settings_table
 from stock_daemon.daemon import (
     DaemonConfig,
     FixedRateSchedule,
@@ -414,15 +416,17 @@ def test_from_env_reads_the_same_variables_as_the_command_line() -> None:
     ("env", "message"),
     [
         ({"STOCK_SYMBOLS": "AAPL"}, "^STOCK_SYMBOLS: 'AAPL': expected SYMBOL=PRICE"),
-        ({"STOCK_RATE": "fast"}, "^STOCK_RATE: 'fast' is not a number$"),
-        ({"STOCK_MIN_INTERVAL": "0"}, "^STOCK_MIN_INTERVAL: '0': must be greater than 0$"),
-        ({"STOCK_SEED": "1.5"}, "^STOCK_SEED: '1.5' is not an integer$"),
+        ({"STOCK_RATE": "fast"}, "^STOCK_RATE: 'fast' is not valid: expected a number greater than 0"),
+        ({"STOCK_MIN_INTERVAL": "0"}, "^STOCK_MIN_INTERVAL: '0' is not valid: expected a number of seconds greater than 0$"),
+        ({"STOCK_SEED": "1.5"}, "^STOCK_SEED: '1.5' is not valid: expected a whole number$"),
         ({"STOCK_MIN_INTERVAL": "3"}, "0 < min <= max"),
     ],
 )
 def test_from_env_names_the_bad_variable(env: dict[str, str], message: str) -> None:
-    with pytest.raises(ValueError, match=message):
+    # The gateway's own error (ConfigError: one line, exit status 2), from the same reader as its settings.
+    with pytest.raises(ConfigError, match=message) as info:
         DaemonConfig.from_env(env)
+    assert info.value.code == 2
 
 
 def test_flags_win_over_the_environment() -> None:
@@ -436,21 +440,61 @@ def test_flags_win_over_the_environment() -> None:
 @pytest.mark.parametrize(
     ("env", "argv", "message"),
     [
-        ({"STOCK_SYMBOLS": "AAPL=abc"}, [], "argument --symbols: 'AAPL=abc': 'abc' is not a price"),
-        ({}, ["--symbols", "AAPL"], "expected SYMBOL=PRICE"),
-        ({"STOCK_RATE": "fast"}, [], "argument --rate: 'fast' is not a number of ticks per second"),
-        ({}, ["--min-interval", "-1"], "must be greater than 0"),
-        ({"STOCK_SEED": "x"}, [], "argument --seed: 'x' is not an integer"),
-        ({"LOG_LEVEL": "loud"}, [], "argument --log-level: 'loud': choose one of"),
+        ({"STOCK_SYMBOLS": "AAPL=abc"}, [], "STOCK_SYMBOLS: 'AAPL=abc': 'abc' is not a price"),
+        ({}, ["--symbols", "AAPL"], "--symbols: 'AAPL': expected SYMBOL=PRICE"),
+        ({"STOCK_RATE": "fast"}, [], "STOCK_RATE: 'fast' is not valid: expected a number greater than 0"),
+        ({}, ["--min-interval", "-1"], "--min-interval: '-1' is not valid: expected a number of seconds greater than 0"),
+        ({"STOCK_SEED": "x"}, [], "STOCK_SEED: 'x' is not valid: expected a whole number"),
+        ({"LOG_LEVEL": "loud"}, [], "LOG_LEVEL: 'loud' is not valid: expected one of CRITICAL, ERROR, WARNING"),
+        ({}, ["--amqp-url", "rabbit:5672"], "--amqp-url: 'rabbit:5672' is not valid: expected an amqp://"),
+        ({}, ["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
     ],
 )
-def test_bad_settings_give_a_clear_error(
-    env: dict[str, str], argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
-) -> None:
-    with pytest.raises(SystemExit) as exit_info:
+def test_bad_settings_give_a_clear_error(env: dict[str, str], argv: list[str], message: str) -> None:
+    with pytest.raises(ConfigError) as exit_info:
         build_parser(env).parse_args(argv)
-    assert exit_info.value.code == 2
-    assert message in capsys.readouterr().err
+    assert isinstance(exit_info.value, SystemExit) and exit_info.value.code == 2
+    assert message in exit_info.value.message
+    assert "\n" not in exit_info.value.message
+
+
+def test_settings_wrong_together_are_a_config_error_too() -> None:
+    with pytest.raises(ConfigError, match="0 < min <= max"):
+        config_from_args(build_parser({}).parse_args(["--min-interval", "3"]))
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "words"),
+    [
+        (["--rate", "fast"], {}, ["--rate", "'fast'", "number"]),
+        ([], {"STOCK_SYMBOLS": "AAPL=abc"}, ["STOCK_SYMBOLS", "'abc' is not a price"]),
+        (["--min-interval", "3", "--max-interval", "2"], {}, ["0 < min <= max"]),
+        (["--amqp-url", "http://guest:hunter2@rabbit/"], {}, ["--amqp-url", "guest:******@rabbit", "amqp://"]),
+    ],
+)
+def test_a_bad_setting_is_one_line_and_exit_2_as_for_the_gateway(
+    argv: list[str], env: dict[str, str], words: list[str]
+) -> None:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("STOCK_") and k not in ("AMQP_URL", "LOG_LEVEL")}
+    result = subprocess.run(
+        [sys.executable, "-m", "stock_daemon", *argv],
+        env={**environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("stock-daemon: "), lines
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+    assert "hunter2" not in result.stderr
+
+
+def test_the_readme_table_is_the_daemons_settings_table() -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert settings_table() in readme, "README.md's stock-daemon table differs: paste stock_daemon.__main__.settings_table()"
 
 
 def test_redact_url_hides_the_password() -> None:
