@@ -486,7 +486,8 @@ class WebSocketProtocol(asyncio.Protocol):
         transport = self.transport
         assert transport is not None
         self.stomp = WebSocketTransport(self, transport)
-        if server.unauthenticated_message_size < server.max_message_size:
+        if server.unauthenticated_message_size != server.authenticated_message_size:
+            # Follows the stream from its first frame on, so that it can take over at CONNECT.
             self._guard = MessageSizeGuard(server.unauthenticated_message_size)
         peer_info = transport.get_extra_info("peername")
         peer = "{}:{}".format(*peer_info[:2]) if peer_info else "?"
