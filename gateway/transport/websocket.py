@@ -25,11 +25,11 @@ from collections.abc import Sequence
 from http import HTTPStatus
 from typing import Any, Protocol, cast
 
-from websockets.extensions.base import ServerExtensionFactory
+from websockets.extensions import ServerExtensionFactory
 from websockets.extensions.permessage_deflate import ServerPerMessageDeflateFactory
 from websockets.frames import CloseCode, Frame, Opcode
 from websockets.http11 import Request, Response
-from websockets.protocol import Event, State
+from websockets.protocol import State
 from websockets.server import ServerProtocol
 from websockets.typing import Origin, Subprotocol
 
@@ -170,13 +170,14 @@ class WebSocketTransport(Transport):
 
     kind = "websocket"
 
-    def __init__(self, io: WebSocketProtocol, transport: asyncio.Transport) -> None:
+    def __init__(self, io: WebSocketProtocol, transport: asyncio.Transport, compressed: bool) -> None:
         self.io = io
         self.ws = io.ws
         self.transport = transport
         #: False once the WebSocket is no longer OPEN (closing, closed or aborted): writes are dropped
         self.open = True
-        self.raw = not self.ws.extensions
+        #: no extension negotiated (the only one offered is permessage-deflate): frames are ours to build
+        self.raw = not compressed
         shared = _per_loop(io.loop)
         self._flusher = shared.flusher
         self._cache = shared.cache
@@ -412,6 +413,8 @@ class WebSocketProtocol(asyncio.Protocol):
         """Fail the WebSocket connection (RFC 6455 §7.1.7): close frame, end of stream, no more messages."""
         self._failed = True
         self._messages.clear()
+        if self.lost.done():
+            return
         if self._reading_paused and self.transport is not None:
             self._reading_paused = False  # so that the client's end of stream is seen
             self.transport.resume_reading()
@@ -434,7 +437,7 @@ class WebSocketProtocol(asyncio.Protocol):
 
     # -- the opening handshake --------------------------------------------------------------------------
 
-    def _handshake(self, events: list[Event]) -> list[Event]:
+    def _handshake(self, events: list[Request | Response | Frame]) -> list[Request | Response | Frame]:
         """Answer the request (the first event); return the frames that came right behind it."""
         request_bytes, self._request_bytes = self._request_bytes, None
         request = events[0]
@@ -444,7 +447,7 @@ class WebSocketProtocol(asyncio.Protocol):
         self.ws.send_response(response)
         if response.status_code != HTTPStatus.SWITCHING_PROTOCOLS:
             return []
-        self._upgrade()
+        self._upgrade(compressed="Sec-WebSocket-Extensions" in response.headers)
         # Frames sent right behind the request were parsed with it: the guard starts after the request.
         rest = bytes(request_bytes[request_bytes.find(b"\r\n\r\n") + 4 :])
         guard = self._guard
@@ -480,12 +483,12 @@ class WebSocketProtocol(asyncio.Protocol):
             return ws.reject(HTTPStatus.SERVICE_UNAVAILABLE, "Server is shutting down.\n")
         return response
 
-    def _upgrade(self) -> None:
+    def _upgrade(self, compressed: bool) -> None:
         """The 101 is on its way: start the STOMP connection and the task that feeds it."""
         server = self.server
         transport = self.transport
         assert transport is not None
-        self.stomp = WebSocketTransport(self, transport)
+        self.stomp = WebSocketTransport(self, transport, compressed)
         if server.unauthenticated_message_size != server.authenticated_message_size:
             # Follows the stream from its first frame on, so that it can take over at CONNECT.
             self._guard = MessageSizeGuard(server.unauthenticated_message_size)
@@ -563,8 +566,11 @@ class WebSocketProtocol(asyncio.Protocol):
                         self._reading_paused = False
                         assert self.transport is not None
                         self.transport.resume_reading()
-                    if text and not self._is_utf8(data):
-                        break
+                    if text:  # RFC 6455 §8.1: a text message that is not UTF-8 fails the connection with 1007
+                        error = _utf8_error(data)
+                        if error is not None:
+                            self._fail(CloseCode.INVALID_DATA, error)
+                            break
                     await connection.receive_data(data)
                 if self.lost.done():
                     break
@@ -579,14 +585,15 @@ class WebSocketProtocol(asyncio.Protocol):
             await connection.connection_lost()
             self.server.gateway.connection_closed(connection)
 
-    def _is_utf8(self, data: bytes) -> bool:
-        """RFC 6455 §8.1: a text message that is not UTF-8 fails the connection with 1007."""
-        try:
-            data.decode()
-        except UnicodeDecodeError as error:
-            self._fail(CloseCode.INVALID_DATA, f"{error.reason} at position {error.start}")
-            return False
-        return True
+
+
+def _utf8_error(data: bytes) -> str | None:
+    """Why ``data`` is not UTF-8 (the close reason), or None."""
+    try:
+        data.decode()
+    except UnicodeDecodeError as error:
+        return f"{error.reason} at position {error.start}"
+    return None
 
 
 class WebSocketServer:
