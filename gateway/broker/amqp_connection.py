@@ -29,7 +29,7 @@ import platform
 import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 import pamqp.exceptions
@@ -340,9 +340,8 @@ class AmqpConnection(asyncio.Protocol):
             self._close_callbacks.append(callback)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
-        transport.write(ProtocolHeader().marshal())
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's transports are not asyncio's classes
+        self._transport.write(ProtocolHeader().marshal())
 
     def _client_properties(self) -> dict[str, Any]:
         properties: dict[str, Any] = {
@@ -524,7 +523,7 @@ class AmqpConnection(asyncio.Protocol):
         if self.error is not None:
             return
         if self._open:
-            self.write(marshal(spec.Connection.Close(reply_code=200, reply_text="normally closed"), 0))
+            self.write(marshal(spec.Connection.Close(reply_code=200, reply_text="normally closed", class_id=0, method_id=0), 0))
             try:
                 await asyncio.shield(self._closed)
             finally:
