@@ -270,6 +270,7 @@ def _tls_context(query: Mapping[str, str]) -> ssl.SSLContext:
 
 # --- the connection ---------------------------------------------------------------------------------------
 
+_FRAME_BODY = 3
 _FRAME_END = 0xCE
 _HEARTBEAT_FRAME = marshal(Heartbeat(), 0)
 #: Missed heartbeat intervals (plus one) before a silent connection counts as lost (aiormq's rule).
@@ -417,6 +418,13 @@ class AmqpConnection(asyncio.Protocol):
             if end > end_of_data:
                 need = end - pos
                 break
+            if buffer[pos] == _FRAME_BODY and buffer[end - 1] == _FRAME_END:
+                # A content body frame's payload is the body part itself: nothing to decode.
+                ch = self.channels.get(int.from_bytes(buffer[pos + 1 : pos + 3], "big"))
+                if ch is not None:
+                    ch.body_received(bytes(buffer[pos + 7 : end - 1]))
+                pos = end
+                continue
             try:
                 _, channel, frame = pamqp.frame.unmarshal(bytes(buffer[pos:end]))
             except pamqp.exceptions.PAMQPException as exc:
@@ -674,28 +682,38 @@ class WireChannel:
 
     def frame_received(self, frame: Any) -> None:
         content = self._content
-        if content is not None:
-            kind = type(frame)
-            if kind is ContentHeader:
-                content.header = frame
-            elif kind is ContentBody:
-                content.parts.append(frame.value)
-                content.size += len(frame.value)
-            else:  # content cut short (a protocol violation): forget it, handle the frame
-                self._content = None
-                self._method_received(frame)
-                return
-            if content.header is not None and content.size >= (content.header.body_size or 0):
-                self._content = None
-                if content.callback is not None and not self.closed and self._closing is None:
-                    parts = content.parts
-                    body = parts[0] if len(parts) == 1 else b"".join(parts)
-                    try:
-                        content.callback(content.deliver, content.header, body)
-                    except Exception:  # one consumer's failure must not stop the connection's reader
-                        logger.exception("delivery callback failed")
+        if content is None:
+            self._method_received(frame)
+        elif type(frame) is ContentHeader:
+            content.header = frame
+            self._content_progress(content)
+        elif type(frame) is ContentBody:
+            self.body_received(frame.value)
+        else:  # content cut short (a protocol violation): forget it, handle the frame
+            self._content = None
+            self._method_received(frame)
+
+    def body_received(self, part: bytes) -> None:
+        """A content body frame's payload (the connection reads these without pamqp)."""
+        content = self._content
+        if content is None:
+            logger.error("a content body frame without a method on AMQP channel %d", self.number)
             return
-        self._method_received(frame)
+        content.parts.append(part)
+        content.size += len(part)
+        self._content_progress(content)
+
+    def _content_progress(self, content: _Content) -> None:
+        if content.header is None or content.size < (content.header.body_size or 0):
+            return
+        self._content = None
+        if content.callback is not None and not self.closed and self._closing is None:
+            parts = content.parts
+            body = parts[0] if len(parts) == 1 else b"".join(parts)
+            try:
+                content.callback(content.deliver, content.header, body)
+            except Exception:  # one consumer's failure must not stop the connection's reader
+                logger.exception("delivery callback failed")
 
     def _method_received(self, frame: Any) -> None:
         kind = type(frame)
