@@ -39,10 +39,12 @@ METRICS: dict[str, list[tuple[str, str, str | None, str]]] = {
         ("deliveries_per_s", "deliveries/s (measured window)", "high", "mean"),
         ("messages_per_s", "messages/s fully delivered", "high", "mean"),
         ("deliveries_per_s_overall", "deliveries/s (whole round)", "high", "mean"),
+        ("deliveries_per_cpu_s", "deliveries per server CPU-second", "high", "mean"),
         ("subscribers", "subscribers", None, "min"),
     ],
     "pipe": [
         ("messages_per_s", "messages/s (all pairs)", "high", "mean"),
+        ("messages_per_cpu_s", "messages per server CPU-second", "high", "mean"),
         ("pairs", "pairs", None, "min"),
     ],
     "rate": [

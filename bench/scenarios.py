@@ -116,6 +116,13 @@ class CpuWindow:
         return out
 
 
+def per_cpu_second(rate: float, cpu: dict[str, float]) -> int | None:
+    """``rate`` per second of the server's CPU (the gateway's, all its processes): comparable across
+    machines and loads where a raw rate is not."""
+    server = cpu.get("server") or 0.0
+    return round(rate / (server / 100.0)) if server > 0 else None
+
+
 def _sleep_until(t_ns: int) -> None:
     delay = (t_ns - time.monotonic_ns()) / 1e9
     if delay > 0:
@@ -188,6 +195,7 @@ def run_fanout(pool: Pool, target: Target, opts: Options, tag: str, on_window: A
         "published": pub["published"],
         "deliveries": received,
         "subscribers": ok,
+        "deliveries_per_cpu_s": per_cpu_second(ok * completed / seconds if seconds > 0 else 0, cpu_result),
     }
     if failed:
         errors.insert(0, f"{failed} of {n} subscribers failed to connect/subscribe")
@@ -239,6 +247,7 @@ def run_pipe(pool: Pool, target: Target, opts: Options, tag: str, on_window: Any
         errors.insert(0, f"{failed} of {p} pairs failed to set up")
     metrics = {
         "messages_per_s": round(rate),
+        "messages_per_cpu_s": per_cpu_second(rate, cpu_result),
         "published": sum(pr["published"] for pr in pairs),
         "received": sum(pr["received"] for pr in pairs),
         "pairs": len(pairs),
