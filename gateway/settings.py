@@ -247,6 +247,61 @@ class Config:
         "GATEWAY_SHARED_FANOUT",
         "consume a non-durable /topic or /exchange subscription once per AMQP connection and fan out in process",
     )
+    retain: list[str] = setting(
+        [],
+        "--retain",
+        "GATEWAY_RETAIN",
+        "keep the newest message per routing key of this topic exchange (default vhost; repeatable; env: "
+        "comma-separated) for SUBSCRIBEs with x-last-value:true",
+        metavar="EXCHANGE",
+    )
+    retain_max_keys: int = setting(
+        10_000, "--retain-max-keys", "GATEWAY_RETAIN_MAX_KEYS", "most routing keys kept per retained exchange"
+    )
+    retain_max_bytes: int = setting(
+        16 * 1024 * 1024,
+        "--retain-max-bytes",
+        "GATEWAY_RETAIN_MAX_BYTES",
+        "most message bytes kept per retained exchange (the keys updated least recently go first)",
+        kind="size",
+    )
+    history_size: int = setting(
+        0,
+        "--history-size",
+        "GATEWAY_HISTORY_SIZE",
+        "messages kept per shared /exchange or /topic binding for x-recover-from, in gateway memory; 0: off "
+        "(MESSAGEs then carry no x-recovery-position)",
+        minimum=0,
+    )
+    history_ttl: float = setting(
+        60.0,
+        "--history-ttl",
+        "GATEWAY_HISTORY_TTL",
+        "seconds a message stays recoverable; a binding nobody subscribes to any more is kept (and recorded) "
+        "this long",
+        kind="seconds",
+    )
+    history_max_bytes: int = setting(
+        4 * 1024 * 1024,
+        "--history-max-bytes",
+        "GATEWAY_HISTORY_MAX_BYTES",
+        "most message bytes kept per shared binding for x-recover-from",
+        kind="size",
+    )
+    max_conflate_interval: float = setting(
+        30.0,
+        "--max-conflate-interval",
+        "GATEWAY_MAX_CONFLATE_INTERVAL",
+        "longest x-conflate interval, asked for or reached by slowing down a lagging client",
+        kind="seconds",
+    )
+    stream_prefetch: int = setting(
+        100,
+        "--stream-prefetch",
+        "GATEWAY_STREAM_PREFETCH",
+        "prefetch of an ack:auto stream subscription (x-stream-offset) that names none; the gateway acks "
+        "each message once written",
+    )
     workers: int = setting(
         1,
         "--workers",
