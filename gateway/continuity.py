@@ -99,17 +99,22 @@ def _words_match(pattern: tuple[str, ...], words: tuple[str, ...]) -> bool:
 @functools.lru_cache(maxsize=4096)
 def topic_matcher(pattern: str) -> Callable[[str], bool]:
     """A test of routing keys against the binding key ``pattern`` of a topic exchange."""
-    parts = tuple(pattern.split("."))
+    parts = _split(pattern)
     if "*" not in parts and "#" not in parts:
         return pattern.__eq__
     if parts == ("#",):
         return lambda key: True
-    return lambda key: _words_match(parts, tuple(key.split(".")))
+    return lambda key: _words_match(parts, _split(key))
+
+
+def _split(key: str) -> tuple[str, ...]:
+    """RabbitMQ's split: ``""`` is zero words, ``"a."`` is ``("a", "")``."""
+    return tuple(key.split(".")) if key else ()
 
 
 def is_literal(pattern: str) -> bool:
     """Whether ``pattern`` matches only the routing key equal to it."""
-    parts = pattern.split(".")
+    parts = _split(pattern)
     return "*" not in parts and "#" not in parts
 
 

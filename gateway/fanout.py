@@ -49,8 +49,9 @@ logger = logging.getLogger(__name__)
 
 #: A shared queue nobody consumes (its consumer never started) is deleted by the broker after this long.
 QUEUE_EXPIRES_MS = 60_000
-#: Seconds between attempts to consume a retained exchange (it may not exist yet, the broker may be away).
-RETAIN_RETRY_SECONDS = 1.0
+#: Seconds between attempts to consume a retained exchange (it may not exist yet, the broker may be away):
+#: the first wait, doubled after each failure up to the second.
+RETAIN_RETRY_SECONDS = (0.1, 2.0)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -224,6 +225,7 @@ class Retainer:
         settings = self.registry.settings
         broker = self.registry.broker
         warned = False
+        delay = RETAIN_RETRY_SECONDS[0]
         while True:
             channel: Channel | None = None
             try:
@@ -248,6 +250,7 @@ class Retainer:
                 self._channel = channel
                 self.ready = True
                 warned = False
+                delay = RETAIN_RETRY_SECONDS[0]
                 logger.info("retaining the newest message per routing key of exchange %r", self.exchange)
                 error = await closed
                 self._lost(error)
@@ -257,7 +260,8 @@ class Retainer:
                     warned = True
                 if channel is not None:
                     await channel.close()
-            await asyncio.sleep(RETAIN_RETRY_SECONDS)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RETAIN_RETRY_SECONDS[1])
 
     def _lost(self, error: BrokerError) -> None:
         """The feed stopped: its groups end (their sessions hear why); the map is kept (it is still the last
