@@ -249,6 +249,11 @@ class StompConnection:
             self._receiving = False
             self.last_received = self.loop.time()
 
+    def client_alive(self) -> None:
+        """Something arrived from the client below STOMP (a WebSocket pong, any read): it is alive, whatever
+        its STOMP heart-beats (a background tab's timers may be throttled to once a minute)."""
+        self.last_received = self.loop.time()
+
     async def connection_lost(self) -> None:
         """The client went away (or we closed): release everything."""
         if self.close_reason == "open":

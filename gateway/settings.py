@@ -217,6 +217,15 @@ class Config:
         "what may wait behind the message being written to one client before it is disconnected as slow",
         kind="size",
     )
+    ws_ping_interval: int = setting(
+        10,
+        "--ws-ping-interval",
+        "GATEWAY_WS_PING_INTERVAL",
+        "seconds between WebSocket pings to a client that sent nothing meanwhile; its pongs count as life for the "
+        "STOMP heart-beat check, so a background tab whose timers the browser throttles is kept (keep it under "
+        "twice the clients' heart-beat interval); 0: no pings",
+        minimum=0,
+    )
     login_timeout: float = setting(
         10.0, "--login-timeout", "GATEWAY_LOGIN_TIMEOUT", "seconds to send CONNECT", kind="seconds"
     )

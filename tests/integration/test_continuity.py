@@ -565,3 +565,55 @@ async def test_bad_continuity_headers_are_an_error(
     error = await connected.receive_command("ERROR")
     assert error.get("message") == "Invalid header" and error.get("receipt-id") == "r"
     assert text in error.body.decode()
+
+
+# --- liveness for background tabs: WebSocket pings, pongs count -------------------------------------------
+
+PINGS = {"ws_ping_interval": 1, "heartbeat_min": 200}
+
+
+@pytest.mark.parametrize("gateway_overrides", [PINGS])
+async def test_a_client_whose_heart_beats_stop_but_whose_socket_answers_pings_is_kept(client: StompClient) -> None:
+    """A throttled tab: its STOMP heart-beats stop, its WebSocket (the browser, not the page) answers pings."""
+    connected = await client.connect(heart_beat="1500,0")  # the gateway expects one every 1.5 s (3 s deadline)
+    assert connected.get("heart-beat") == "0,1500"
+    await asyncio.sleep(5)  # silent at the STOMP level all along
+    assert not client.closed.is_set()
+    await client.send(frame("DISCONNECT", receipt="bye"))
+    await client.receipt("bye")
+
+
+async def _raw_websocket(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A WebSocket client by hand, which answers nothing (no pong): a dead peer behind a live TCP socket."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(
+        b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+        b"Sec-WebSocket-Protocol: v12.stomp\r\n\r\n"
+    )
+    await reader.readuntil(b"\r\n\r\n")
+    return reader, writer
+
+
+def _client_frame(data: bytes) -> bytes:
+    """One masked text frame (mask key 0: the payload stays as it is)."""
+    assert len(data) < 126
+    return bytes((0x81, 0x80 | len(data))) + b"\0\0\0\0" + data
+
+
+@pytest.mark.parametrize("gateway_overrides", [PINGS])
+async def test_a_client_that_answers_no_ping_still_times_out(gateway: Gateway) -> None:
+    assert gateway.port is not None
+    reader, writer = await _raw_websocket(gateway.port)
+    try:
+        writer.write(_client_frame(_tcp_frame("CONNECT", accept_version="1.2", host="/", heart_beat="1500,0")))
+        started = time.monotonic()
+        data = b""
+        while b"Heart-beat timeout" not in data:
+            chunk = await asyncio.wait_for(reader.read(65536), 8)
+            assert chunk, data
+            data += chunk
+        assert b"\x89" in data  # it was pinged (opcode 9) before it was given up
+        assert 2.9 <= time.monotonic() - started < 6
+    finally:
+        writer.close()
