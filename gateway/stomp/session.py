@@ -686,8 +686,10 @@ class Session:
                 ) from None
         continuity = self._continuity_request(headers, destination, plan, ack)
         gateway_acks = False
-        if "x-stream-offset" in headers and destination.kind in (QUEUE, AMQQUEUE):
-            consumer_arguments["x-stream-offset"] = _stream_offset(headers["x-stream-offset"])
+        stream = "x-stream-offset" in headers or headers.get("x-queue-type") == "stream"
+        if stream and destination.kind in (QUEUE, AMQQUEUE):
+            if "x-stream-offset" in headers:
+                consumer_arguments["x-stream-offset"] = _stream_offset(headers["x-stream-offset"])
             if ack == "auto":
                 gateway_acks = True
                 if prefetch_count is None or prefetch_count == 0:

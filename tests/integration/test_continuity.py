@@ -510,7 +510,6 @@ async def test_a_lagging_conflating_subscriber_is_slowed_down_not_disconnected(
 # --- streams without the client's bookkeeping ----------------------------------------------------------------
 
 
-@pytest.mark.rabbitmq_only("the embedded broker has no stream queues")
 @pytest.mark.parametrize("gateway_overrides", [{**BASE, "stream_prefetch": 10}])
 async def test_a_stream_with_ack_auto_and_every_offset_form(
     gateway: Gateway, backdoor: Channel, unique: str
@@ -539,6 +538,21 @@ async def test_a_stream_with_ack_auto_and_every_offset_form(
             assert {m.body for m in live} == {b"live"}
         finally:
             await c.close()
+    finally:
+        await backdoor.delete_queue(stream)
+
+
+async def test_a_stream_declared_by_the_subscribe_needs_no_ack_from_the_client(
+    connected: StompClient, backdoor: Channel, unique: str
+) -> None:
+    stream = f"stream-{unique}"
+    try:
+        await subscribe(connected, f"/queue/{stream}", x_queue_type="stream")  # from "next" on
+        for i in range(3):
+            await connected.send(frame("SEND", f"m{i}", destination=f"/queue/{stream}", x_queue_type="stream"))
+        messages = [await connected.receive_command("MESSAGE") for _ in range(3)]
+        assert [m.body for m in messages] == [b"m0", b"m1", b"m2"]
+        assert [m.get("x-stream-offset") for m in messages] == ["0", "1", "2"]
     finally:
         await backdoor.delete_queue(stream)
 

@@ -1646,6 +1646,11 @@ class TestStreamOffset:
         message = session.render(sub, session.deliver(sub, delivery(1)))
         assert b"\nack:" not in message  # nothing for the client to acknowledge
 
+    def test_a_stream_declared_by_the_subscribe_is_acked_by_the_gateway_too(self) -> None:
+        sub = subscribe(connected(), {"destination": "/queue/s", "id": "1", "x-queue-type": "stream"})
+        assert sub.gateway_acks and sub.prefetch_count == SessionSettings().stream_prefetch
+        assert "x-stream-offset" not in sub.consumer_arguments  # RabbitMQ's default: next
+
     def test_client_ack_stays_the_clients(self) -> None:
         sub = subscribe(
             connected(), {"destination": "/queue/s", "id": "1", "x-stream-offset": "last", "ack": "client"}
