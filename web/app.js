@@ -336,6 +336,11 @@
    * conflated while the tab is hidden. */
   function subscribe(row) {
     if (!ticker || !client.connected || row.subscription) return;
+    if (!document.hidden && row.beforeHidden) {
+      // Shown again: back to the series as it was before conflation, and recover every tick since.
+      if (row.beforeHidden.position) Object.assign(row, row.beforeHidden);
+      row.beforeHidden = null;
+    }
     const headers = { 'x-last-value': 'true' };
     if (row.position) headers['x-recover-from'] = row.position;
     row.conflated = document.hidden;
@@ -358,22 +363,20 @@
     row.subscription = null;
   }
 
-  // Hidden: conflate, remembering the series as it was. Shown again: back to that series and its position,
-  // from which the gateway sends every tick since, the ones conflation skipped included.
+  // Hidden: conflate, remembering the series as it was. Shown again (now, or at the next connect if the
+  // connection is down): back to that series and its position, from which the gateway sends every tick
+  // since, the ones conflation skipped included (see subscribe).
   document.addEventListener('visibilitychange', () => {
-    if (!client.connected) return;
     for (const row of rows.values()) {
-      if (!row.subscription || row.conflated === document.hidden) continue;
-      if (document.hidden) {
+      if (document.hidden && !row.beforeHidden) {
         row.beforeHidden = {
           history: [...row.history], times: [...row.times], last: row.last, time: row.time, position: row.position,
         };
-      } else if (row.beforeHidden && row.beforeHidden.position) {
-        Object.assign(row, row.beforeHidden);
-        row.beforeHidden = null;
       }
-      unsubscribe(row);
-      subscribe(row);
+      if (client.connected && row.subscription && row.conflated !== document.hidden) {
+        unsubscribe(row);
+        subscribe(row);
+      }
     }
   });
 
