@@ -28,14 +28,17 @@ node_modules/.installed: package.json
 	npm install --no-audit --no-fund --silent
 	touch node_modules/.installed
 
+# Last values for the page's first paint, and a history to recover from after a reconnect (README, "Continuity").
+CONTINUITY := --retain stocks --history-size 500
+
 run: $(RUN_STAMP)
 	@echo "Open http://127.0.0.1:$(PORT)/  (embedded broker + stock daemon; Ctrl-C stops)"
-	PORT=$(PORT) $(PY) -m gateway --broker memory --with-stock-daemon
+	PORT=$(PORT) $(PY) -m gateway --broker memory --with-stock-daemon $(CONTINUITY)
 
 # AMQP_URL (default amqp://guest:guest@127.0.0.1:5672/) is passed on, never printed: it holds a password.
 run-rabbitmq: $(RUN_STAMP)
 	@echo "Open http://127.0.0.1:$(PORT)/  (RabbitMQ from AMQP_URL, or the local one; Ctrl-C stops)"
-	PORT=$(PORT) $(PY) -m gateway --broker rabbitmq --with-stock-daemon
+	PORT=$(PORT) $(PY) -m gateway --broker rabbitmq --with-stock-daemon $(CONTINUITY)
 
 services:
 	bash scripts/ensure-services.sh

@@ -19,6 +19,7 @@ from typing import Any
 
 from gateway import metrics
 from gateway.broker.base import Broker, BrokerError, Channel, ChannelClosed, Delivery
+from gateway.continuity import Conflator, HandOver
 from gateway.fanout import FanoutRegistry, Sink
 from gateway.metrics import TALLY
 from gateway.settings import DEFAULTS
@@ -140,6 +141,7 @@ class ConnectionSettings:
     session: SessionSettings = field(default_factory=SessionSettings)
     login_timeout: float = DEFAULTS.login_timeout
     max_outbound_buffer: int = DEFAULTS.max_outbound_buffer
+    max_conflate_interval: float = DEFAULTS.max_conflate_interval
     close_timeout: float = 5.0
 
 
@@ -246,6 +248,11 @@ class StompConnection:
         finally:
             self._receiving = False
             self.last_received = self.loop.time()
+
+    def client_alive(self) -> None:
+        """Something arrived from the client below STOMP (a WebSocket pong, any read): it is alive, whatever
+        its STOMP heart-beats (a background tab's timers may be throttled to once a minute)."""
+        self.last_received = self.loop.time()
 
     async def connection_lost(self) -> None:
         """The client went away (or we closed): release everything."""
@@ -468,6 +475,9 @@ class StompConnection:
         """A session's end of a shared subscription, and the call that releases the messages that arrive
         before the SUBSCRIBE's RECEIPT went out (RECEIPTs of pipelined SUBSCRIBEs go out in order, so this
         one may wait for an earlier, slower one)."""
+        request = subscription.continuity
+        if request is not None and request.conflate_ms is not None:
+            return self._conflating_sink(subscription, request.conflate_ms / 1000)
         version = self.session.version
         sub_id = subscription.id
         transport = self.transport
@@ -499,6 +509,82 @@ class StompConnection:
 
         return Sink(on_message, on_error), release
 
+    def _conflating_sink(self, subscription: Subscription, interval: float) -> tuple[Sink, Callable[[], None]]:
+        """A shared subscription's end that conflates (``x-conflate``): at most one message per destination
+        per interval, the newest, the last of a burst sent when its interval ends. A client that lags (half
+        of ``--max-outbound-buffer`` waiting) is not disconnected as slow: its interval doubles instead, up
+        to ``--max-conflate-interval``, and halves back as it keeps up."""
+        version = self.session.version
+        sub_id = subscription.id
+        transport = self.transport
+        loop = self.loop
+        lagging_at = self.settings.max_outbound_buffer // 2
+        conflator: Conflator[MessageTemplate] = Conflator(interval, self.settings.max_conflate_interval)
+        held: list[MessageTemplate] | None = []
+        timer: asyncio.TimerHandle | None = None
+
+        def write(template: MessageTemplate) -> bool:
+            if transport.buffered > lagging_at and transport.backlog > lagging_at:
+                return False
+            transport.write_message(template, version, sub_id)
+            self.messages_out += 1
+            self.last_sent = loop.time()
+            return True
+
+        def schedule() -> None:
+            nonlocal timer
+            due = conflator.next_due()
+            if due is None or (timer is not None and timer.when() <= due):
+                return
+            if timer is not None:
+                timer.cancel()
+            timer = loop.call_at(due, flush)
+
+        def flush() -> None:
+            nonlocal timer
+            timer = None
+            if self._closing or sink.group is None:
+                return
+            lagging = False
+            due = conflator.take_due(loop.time())
+            for key, template in due:
+                if lagging or not write(template):
+                    conflator.hold(key, template)
+                    lagging = True
+            if lagging:
+                conflator.lagging()
+            elif due:
+                conflator.keeping_up()
+            schedule()
+
+        def on_message(template: MessageTemplate) -> None:
+            if self._closing:
+                return
+            if held is not None:
+                held.append(template)
+                return
+            key = template.headers[0][1]  # the destination: one per routing key
+            if conflator.offer(key, template, loop.time()):
+                if write(template):
+                    conflator.keeping_up()
+                else:
+                    conflator.hold(key, template)
+                    conflator.lagging()
+            schedule()
+
+        def on_error(error: BrokerError) -> None:
+            if not self._closing:
+                self._react(self.session.broker_failed(error))
+
+        def release() -> None:
+            nonlocal held
+            waiting, held = held, None
+            for template in waiting or ():
+                on_message(template)
+
+        sink = Sink(on_message, on_error)
+        return sink, release
+
     async def _start_subscribe(self, action: Subscribe) -> None:
         """Start a SUBSCRIBE's broker work now; its RECEIPT follows the RECEIPTs before it."""
         if len(self._subscribing) >= MAX_SUBSCRIBES_IN_FLIGHT:
@@ -529,8 +615,11 @@ class StompConnection:
         if failure is not None:
             await self._fail(failure, action.receipt, in_order=False)
             return
-        if action.receipt is not None:
-            self.send_frame(action.receipt)
+        receipt = action.receipt
+        if isinstance(attachment, _Shared) and attachment.hand_over is not None:
+            receipt = self.session.subscription_receipt(receipt, attachment.hand_over)
+        if receipt is not None:
+            self.send_frame(receipt)
         if attachment is not None:
             attachment.start()  # messages that raced the receipt go out after it
 
@@ -542,11 +631,13 @@ class StompConnection:
         if subscription.shared and plan.exchange is not None:
             sink, release = self._shared_sink(subscription)
             hub = self.registry.hub_for(self._principal)
-            await hub.attach(plan.exchange, plan.binding_key, sink)
+            hand_over = await hub.attach(plan.exchange, plan.binding_key, sink, subscription.continuity)
             if self._closing:
                 await hub.detach(sink)
                 return None
             shared = self._attachments[id(subscription)] = _Shared(subscription, sink, release)
+            if subscription.continuity is not None:
+                shared.hand_over = hand_over
             return shared
         async with self._own_subscribe_lock:
             channel = await self._own_channel()
@@ -570,7 +661,7 @@ class StompConnection:
             tag = await channel.consume(
                 queue,
                 deliverer,
-                no_ack=subscription.ack == "auto",
+                no_ack=subscription.broker_no_ack,
                 prefetch_count=subscription.prefetch_count,
                 consumer_tag=subscription.consumer_tag,
                 arguments=subscription.consumer_arguments,
@@ -736,12 +827,14 @@ class _Shared:
     """A subscription attached to a shared fan-out group through ``sink``; ``start`` releases the messages
     held until its RECEIPT went out."""
 
-    __slots__ = ("sink", "start", "subscription")
+    __slots__ = ("hand_over", "sink", "start", "subscription")
 
     def __init__(self, subscription: Subscription, sink: Sink, start: Callable[[], None]) -> None:
         self.subscription = subscription
         self.sink = sink
         self.start = start
+        #: what the subscription got when it joined (its RECEIPT says so), if it asked for continuity
+        self.hand_over: HandOver | None = None
 
 
 class _Deliverer:
@@ -781,3 +874,5 @@ class _Deliverer:
         TALLY.messages_delivered += 1
         TALLY.frames_sent["MESSAGE"] += 1
         connection._write(session.render(subscription, template), template.is_text)
+        if subscription.gateway_acks and connection._channel is not None:
+            connection._channel.ack(delivery.delivery_tag)  # an ack:auto stream subscription: written, so done

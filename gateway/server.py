@@ -13,7 +13,7 @@ from gateway.broker.base import Broker
 from gateway.config import Config, ConfigError
 from gateway.connection import ConnectionSettings, StompConnection
 from gateway.destinations import format_destination
-from gateway.fanout import FanoutRegistry
+from gateway.fanout import ContinuitySettings, FanoutRegistry
 from gateway.settings import derive
 from gateway.transport.http import DEFAULT_WEB_ROOT, HttpResponder
 from stock_daemon.daemon import DaemonConfig
@@ -58,7 +58,7 @@ class Gateway:
     def __init__(self, config: Config, broker: Broker | None = None) -> None:
         self.config = config
         self.broker = broker or make_broker(config)
-        self.registry = FanoutRegistry(self.broker, config.topic_exchange)
+        self.registry = FanoutRegistry(self.broker, config.topic_exchange, derive(ContinuitySettings, config))
         self.connection_settings = derive(ConnectionSettings, config)
         self.ticker = _ticker_settings()
         self.connections: set[StompConnection] = set()
@@ -95,6 +95,7 @@ class Gateway:
         from gateway.transport.websocket import serve_websocket
 
         await self.broker.start()
+        self.registry.start()
         http = HttpResponder(self._web_root(), self.not_ready, metrics.exposition, self.info)
         self._metrics_task = asyncio.create_task(metrics.run_flusher(lambda: self.broker.is_available))
         try:

@@ -217,6 +217,15 @@ class Config:
         "what may wait behind the message being written to one client before it is disconnected as slow",
         kind="size",
     )
+    ws_ping_interval: int = setting(
+        10,
+        "--ws-ping-interval",
+        "GATEWAY_WS_PING_INTERVAL",
+        "seconds between WebSocket pings to a client that sent nothing meanwhile; its pongs count as life for the "
+        "STOMP heart-beat check, so a background tab whose timers the browser throttles is kept (keep it under "
+        "twice the clients' heart-beat interval); 0: no pings",
+        minimum=0,
+    )
     login_timeout: float = setting(
         10.0, "--login-timeout", "GATEWAY_LOGIN_TIMEOUT", "seconds to send CONNECT", kind="seconds"
     )
@@ -246,6 +255,61 @@ class Config:
         "--shared-fanout",
         "GATEWAY_SHARED_FANOUT",
         "consume a non-durable /topic or /exchange subscription once per AMQP connection and fan out in process",
+    )
+    retain: list[str] = setting(
+        [],
+        "--retain",
+        "GATEWAY_RETAIN",
+        "keep the newest message per routing key of this topic exchange (default vhost; repeatable; env: "
+        "comma-separated) for SUBSCRIBEs with x-last-value:true",
+        metavar="EXCHANGE",
+    )
+    retain_max_keys: int = setting(
+        10_000, "--retain-max-keys", "GATEWAY_RETAIN_MAX_KEYS", "most routing keys kept per retained exchange"
+    )
+    retain_max_bytes: int = setting(
+        16 * 1024 * 1024,
+        "--retain-max-bytes",
+        "GATEWAY_RETAIN_MAX_BYTES",
+        "most message bytes kept per retained exchange (the keys updated least recently go first)",
+        kind="size",
+    )
+    history_size: int = setting(
+        0,
+        "--history-size",
+        "GATEWAY_HISTORY_SIZE",
+        "messages kept per shared /exchange or /topic binding for x-recover-from, in gateway memory; 0: off "
+        "(MESSAGEs then carry no x-recovery-position)",
+        minimum=0,
+    )
+    history_ttl: float = setting(
+        60.0,
+        "--history-ttl",
+        "GATEWAY_HISTORY_TTL",
+        "seconds a message stays recoverable; a binding nobody subscribes to any more is kept (and recorded) "
+        "this long",
+        kind="seconds",
+    )
+    history_max_bytes: int = setting(
+        4 * 1024 * 1024,
+        "--history-max-bytes",
+        "GATEWAY_HISTORY_MAX_BYTES",
+        "most message bytes kept per shared binding for x-recover-from",
+        kind="size",
+    )
+    max_conflate_interval: float = setting(
+        30.0,
+        "--max-conflate-interval",
+        "GATEWAY_MAX_CONFLATE_INTERVAL",
+        "longest x-conflate interval, asked for or reached by slowing down a lagging client",
+        kind="seconds",
+    )
+    stream_prefetch: int = setting(
+        100,
+        "--stream-prefetch",
+        "GATEWAY_STREAM_PREFETCH",
+        "prefetch of an ack:auto stream subscription (x-stream-offset) that names none; the gateway acks "
+        "each message once written",
     )
     workers: int = setting(
         1,

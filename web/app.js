@@ -3,23 +3,30 @@
  *
  * Settings: the page repeats none of the stock daemon's. It first asks the gateway (GET info.json) for the
  * broker's name (the subtitle) and the ticker: the daemon's symbols (the rows shown unless the visitor
- * chose others), the destination prefix a symbol completes (/exchange/stocks/ by default) and the
- * snapshot destination (/queue/stocks.snapshot by default). Until it has them, the page says so, shows the
- * visitor's stored rows and asks again (1 s doubling to 30 s); only then does it connect.
+ * chose others) and the destination prefix a symbol completes (/exchange/stocks/ by default). Until it has
+ * them, the page says so, shows the visitor's stored rows and asks again (1 s doubling to 30 s); only then
+ * does it connect.
  *
  * Data path: @stomp/stompjs (vendor/stomp.umd.min.js, global StompJs) connects to the gateway at
  * ws(s)://<this host>/ws. Every row subscribes to <prefix><SYMBOL> (the stock daemon, or any other
- * service, publishes one JSON tick per symbol there). After each (re)connect the page also asks for a
- * snapshot: SEND <snapshot destination> with reply-to:/temp-queue/snapshot; the reply (a JSON list of
- * every quote the daemon knows) arrives as a MESSAGE whose subscription is /temp-queue/snapshot, which
- * stompjs hands to onUnhandledMessage, and fills the table at once. Any symbol can be added: a row
- * without a tick yet says "waiting for data", and after a while "no data yet".
+ * service, publishes one JSON tick per symbol there). Continuity comes from the gateway (README,
+ * "Continuity"), through SUBSCRIBE headers:
+ *  - x-last-value:true: the newest tick of the symbol comes first (the gateway retains the exchange), so a
+ *    new row is filled at once, for any symbol anyone publishes (no snapshot request to the daemon);
+ *  - x-recover-from:<the x-recovery-position of the row's last tick>: after a reconnect the ticks missed
+ *    while the connection was down come first, in order, so the sparkline has no hole (when the gateway no
+ *    longer has them, the last value comes instead, and the RECEIPT says x-recovered:false);
+ *  - x-conflate:<ms> while the tab is hidden: at most one tick per symbol per interval, the newest; when the
+ *    tab is shown again each row goes back to its series and position from before, and subscribes anew from
+ *    there, so it gets every tick conflation skipped.
+ * Any symbol can be added: a row without a tick yet says "waiting for data", and after a while "no data yet".
  *
  * While the connection is down the rows are dimmed and the page says since when the prices are stale;
  * an ERROR from the server is shown in plain words and cleared once the connection is back.
  *
  * Subscriptions are made in onConnect, so every automatic reconnect re-subscribes every row (the book's
- * client did not). A price flashes green when the NEW price is above the OLD one and red when below; an
+ * client did not). Each sparkline's <svg> carries the times of the ticks it draws in data-times (tests read
+ * it to check that no tick is missing). A price flashes green when the NEW price is above the OLD one and red when below; an
  * unchanged price does not flash (the book had the two arguments swapped).
  *
  * No inline script or style: the page runs under a strict Content-Security-Policy.
@@ -29,9 +36,9 @@
 
   const SYMBOL_RE = /^[A-Z][A-Z0-9.]{0,9}$/;
   const STORAGE_KEY = 'stock-ticker.symbols';
-  const SNAPSHOT_REPLY = '/temp-queue/snapshot'; // the page's own name for its reply queue
   const INFO_RETRY_MAX_MS = 30000;
-  const SNAPSHOT_TIMEOUT_MS = 5000;
+  // A hidden tab takes at most one tick per symbol per this many ms (?conflate=<ms> for tests).
+  const HIDDEN_CONFLATE_MS = Number(new URLSearchParams(window.location.search).get('conflate')) || 2000;
   const SPARK_POINTS = 40;
   const SPARK_WIDTH = 100;
   const SPARK_HEIGHT = 28;
@@ -51,16 +58,14 @@
   const emptyEl = $('#empty');
   const banner = $('#error-banner');
 
-  /** symbol -> row state: {symbol, tr, price, change, percent, line, history, last, time, subscription} */
+  /** symbol -> row state: {symbol, tr, price, change, percent, line, history, times, last, time, position,
+   *  subscription, conflated, beforeHidden} */
   const rows = new Map();
-  let snapshotTimer = null;
   let lastUpdate = null; // Date of the newest tick shown
-  let snapshotCounter = 0;
-  let snapshotAwaited = false;
   let messageTimer = null;
   let connectedAt = 0;
   let flapDelay = 0;
-  /** From info.json: {symbols, destination_prefix, snapshot_destination}; null until it answered. */
+  /** From info.json: {symbols, destination_prefix}; null until it answered. */
   let ticker = null;
   /** Whether the visitor's own list of symbols is in use (stored earlier, or changed on this page). */
   let chosen = false;
@@ -205,7 +210,10 @@
     tr.append(name, price, change, percent, trend, actions);
     price.textContent = 'waiting for data';
     price.classList.add('waiting');
-    const row = { symbol, tr, price, change, percent, line, history: [], last: null, time: '', subscription: null };
+    const row = {
+      symbol, tr, price, change, percent, line, history: [], times: [], last: null, time: '', position: null,
+      subscription: null, conflated: false, beforeHidden: null,
+    };
     row.noDataTimer = setTimeout(() => {
       if (row.last === null) {
         price.textContent = 'no data yet';
@@ -252,6 +260,7 @@
       span > 0 ? pad + (1 - (p - min) / span) * (SPARK_HEIGHT - 2 * pad) : SPARK_HEIGHT / 2);
     row.line.setAttribute('points', xs.map((x, i) => `${x.toFixed(1)},${ys[i].toFixed(1)}`).join(' '));
     const svg = row.line.ownerSVGElement;
+    svg.dataset.times = row.times.join(' ');
     const first = points[0];
     const last = points[points.length - 1];
     svg.classList.toggle('rising', last > first);
@@ -268,7 +277,7 @@
     const percent = Number(quote.change_percent);
     if (!Number.isFinite(price)) return;
     const time = typeof quote.time === 'string' ? quote.time : '';
-    if (time && row.time && time <= row.time) return; // already shown, or older (a late snapshot)
+    if (time && row.time && time <= row.time) return; // already shown, or older (a last value we had)
 
     if (row.last !== null && price !== row.last) flash(row.price, price > row.last);
     row.last = price;
@@ -289,7 +298,11 @@
       }
     }
     row.history.push(price);
-    if (row.history.length > SPARK_POINTS) row.history.splice(0, row.history.length - SPARK_POINTS);
+    row.times.push(time);
+    if (row.history.length > SPARK_POINTS) {
+      row.history.splice(0, row.history.length - SPARK_POINTS);
+      row.times.splice(0, row.times.length - SPARK_POINTS);
+    }
     drawSparkline(row);
   }
 
@@ -319,9 +332,22 @@
   }
   client.beforeConnect = () => (flapDelay > 0 ? new Promise((resolve) => setTimeout(resolve, flapDelay)) : undefined);
 
+  /** Subscribe a row: the last value (or, with a position, what was missed since), then live ticks;
+   * conflated while the tab is hidden. */
   function subscribe(row) {
     if (!ticker || !client.connected || row.subscription) return;
+    if (!document.hidden && row.beforeHidden) {
+      // Shown again: back to the series as it was before conflation, and recover every tick since.
+      if (row.beforeHidden.position) Object.assign(row, row.beforeHidden);
+      row.beforeHidden = null;
+    }
+    const headers = { 'x-last-value': 'true' };
+    if (row.position) headers['x-recover-from'] = row.position;
+    row.conflated = document.hidden;
+    if (row.conflated) headers['x-conflate'] = String(HIDDEN_CONFLATE_MS);
     row.subscription = client.subscribe(ticker.destination_prefix + row.symbol, (message) => {
+      const position = message.headers['x-recovery-position'];
+      if (position) row.position = position; // where to recover from after a reconnect
       let quote;
       try {
         quote = JSON.parse(message.body);
@@ -329,7 +355,7 @@
         return; // not a tick
       }
       if (quote && quote.symbol === row.symbol) applyQuote(quote);
-    });
+    }, headers);
   }
 
   function unsubscribe(row) {
@@ -337,35 +363,22 @@
     row.subscription = null;
   }
 
-  function requestSnapshot() {
-    snapshotCounter += 1;
-    client.publish({
-      destination: ticker.snapshot_destination,
-      headers: { 'reply-to': SNAPSHOT_REPLY, 'correlation-id': `snapshot-${snapshotCounter}`, 'content-type': 'application/json' },
-      body: '{}',
-    });
-    snapshotAwaited = true;
-    clearTimeout(snapshotTimer);
-    snapshotTimer = setTimeout(() => {
-      if (snapshotAwaited && client.connected) {
-        showMessage('The price service has not answered yet; prices will appear as they tick.', 'warning');
+  // Hidden: conflate, remembering the series as it was. Shown again (now, or at the next connect if the
+  // connection is down): back to that series and its position, from which the gateway sends every tick
+  // since, the ones conflation skipped included (see subscribe).
+  document.addEventListener('visibilitychange', () => {
+    for (const row of rows.values()) {
+      if (document.hidden && !row.beforeHidden) {
+        row.beforeHidden = {
+          history: [...row.history], times: [...row.times], last: row.last, time: row.time, position: row.position,
+        };
       }
-    }, SNAPSHOT_TIMEOUT_MS);
-  }
-
-  function receiveSnapshot(message) {
-    let quotes;
-    try {
-      quotes = JSON.parse(message.body);
-    } catch (err) {
-      return;
+      if (client.connected && row.subscription && row.conflated !== document.hidden) {
+        unsubscribe(row);
+        subscribe(row);
+      }
     }
-    if (!Array.isArray(quotes)) return;
-    snapshotAwaited = false;
-    clearTimeout(snapshotTimer);
-    // Symbols the daemon does not know keep their rows: another service may publish them.
-    quotes.forEach(applyQuote);
-  }
+  });
 
   client.onConnect = () => {
     connectedAt = Date.now();
@@ -375,11 +388,6 @@
       row.subscription = null; // subscriptions of the previous connection died with it
       subscribe(row);
     }
-    requestSnapshot();
-  };
-
-  client.onUnhandledMessage = (message) => {
-    if (message.headers.subscription === SNAPSHOT_REPLY) receiveSnapshot(message);
   };
 
   client.onStompError = (frame) => {
@@ -393,7 +401,6 @@
       connectedAt = 0;
     }
     setStatus(false);
-    snapshotAwaited = false;
     for (const row of rows.values()) row.subscription = null;
   };
 
@@ -418,9 +425,7 @@
     addRow(symbol);
     chosen = true;
     saveSymbols();
-    showMessage(`Added ${symbol}.`, 'info');
-    // Fill the new row now rather than at its next tick (if the price service knows it).
-    if (client.connected) requestSnapshot();
+    showMessage(`Added ${symbol}.`, 'info'); // its last value, if anyone published one, fills it at once
     return true;
   }
 
@@ -447,8 +452,7 @@
   /** The ticker part of info.json if it has every field the page needs, else null. */
   function tickerOf(info) {
     const t = info && info.ticker;
-    if (!t || !Array.isArray(t.symbols) || typeof t.destination_prefix !== 'string'
-        || typeof t.snapshot_destination !== 'string') return null;
+    if (!t || !Array.isArray(t.symbols) || typeof t.destination_prefix !== 'string') return null;
     return t;
   }
 

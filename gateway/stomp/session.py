@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import datetime
 import enum
 import secrets
 from collections.abc import Iterable
@@ -27,8 +28,13 @@ from gateway.broker.base import (
     PublishNacked,
     VhostNotFound,
 )
+from gateway.continuity import ContinuityRequest, HandOver, parse_position
 from gateway.destinations import (
+    AMQQUEUE,
+    EXCHANGE,
+    QUEUE,
     TEMP_QUEUE,
+    TOPIC,
     Destination,
     QueueDeclaration,
     SubscriptionPlan,
@@ -150,10 +156,20 @@ class Subscription:
     consumer_arguments: dict[str, object] = field(default_factory=dict)
     #: ack id -> delivery tag, in delivery order (client modes only)
     pending: dict[str, int] = field(default_factory=dict)
+    #: last value, recovery, conflation asked for (a shared /exchange or /topic subscription only)
+    continuity: ContinuityRequest | None = None
+    #: an ack:auto stream subscription (x-stream-offset): the gateway consumes with acks and acks each message
+    #: once written
+    gateway_acks: bool = False
 
     @property
     def shared(self) -> bool:
         return self.plan.shareable and self.ack == "auto"
+
+    @property
+    def broker_no_ack(self) -> bool:
+        """Whether the broker consumer runs without acknowledgements."""
+        return self.ack == "auto" and not self.gateway_acks
 
 
 @dataclass(frozen=True, slots=True)
@@ -305,6 +321,8 @@ class SessionSettings:
     max_transaction_bytes: int = DEFAULTS.max_transaction_bytes
     server_name: str = DEFAULTS.server_name
     shared_fanout: bool = DEFAULTS.shared_fanout
+    max_conflate_interval: float = DEFAULTS.max_conflate_interval
+    stream_prefetch: int = DEFAULTS.stream_prefetch
 
 
 def _uint(text: str) -> int:
@@ -325,6 +343,29 @@ def _check_consumer_tag(tag: str) -> None:
 def _int(text: str) -> int:
     """A decimal integer of ASCII digits with an optional leading minus."""
     return -_uint(text[1:]) if text.startswith("-") else _uint(text)
+
+
+#: ``x-stream-offset`` values that RabbitMQ takes as they are
+_STREAM_OFFSET_WORDS = ("first", "last", "next")
+
+
+def _stream_offset(value: str) -> object:
+    """A SUBSCRIBE's ``x-stream-offset`` as RabbitMQ's consumer argument: ``first``, ``last``, ``next``,
+    ``offset=N`` (an integer) or ``timestamp=T`` (seconds since the epoch, an AMQP timestamp)."""
+    if value in _STREAM_OFFSET_WORDS:
+        return value
+    name, _, number = value.partition("=")
+    try:
+        if name == "offset":
+            return _uint(number)
+        if name == "timestamp":
+            return datetime.datetime.fromtimestamp(_uint(number), datetime.UTC)
+    except (ValueError, OverflowError, OSError):
+        pass
+    raise ProtocolError(
+        "Invalid header",
+        f"'x-stream-offset' must be first, last, next, offset=N or timestamp=T (seconds), got {value!r}\n",
+    )
 
 
 def _receipt(frame: Frame) -> Frame | None:
@@ -643,7 +684,17 @@ class Session:
                 raise ProtocolError(
                     "Invalid header", f"'x-priority' must be an integer, got {headers['x-priority']!r}\n"
                 ) from None
-        if not self.settings.shared_fanout:
+        continuity = self._continuity_request(headers, destination, plan, ack)
+        gateway_acks = False
+        stream = "x-stream-offset" in headers or headers.get("x-queue-type") == "stream"
+        if stream and destination.kind in (QUEUE, AMQQUEUE):
+            if "x-stream-offset" in headers:
+                consumer_arguments["x-stream-offset"] = _stream_offset(headers["x-stream-offset"])
+            if ack == "auto":
+                gateway_acks = True
+                if prefetch_count is None or prefetch_count == 0:
+                    prefetch_count = self.settings.stream_prefetch
+        if not self.settings.shared_fanout and continuity is None:
             plan = SubscriptionPlan(
                 plan.declaration,
                 plan.queue,
@@ -661,9 +712,75 @@ class Session:
             prefetch_count=prefetch_count,
             consumer_tag=key,
             consumer_arguments=consumer_arguments,
+            continuity=continuity,
+            gateway_acks=gateway_acks,
         )
         self.subscriptions[key] = subscription
         return [Subscribe(subscription, _receipt(frame))]
+
+    def _continuity_request(
+        self, headers: dict[str, str], destination: Destination, plan: SubscriptionPlan, ack: str
+    ) -> ContinuityRequest | None:
+        """``x-last-value``, ``x-recover-from`` and ``x-conflate`` checked, or None if none is given. They
+        apply to what a shared binding serves: an ``ack:auto``, non-durable ``/exchange`` or ``/topic``
+        subscription without a queue name or queue arguments."""
+        last_text = headers.get("x-last-value")
+        recover_text = headers.get("x-recover-from")
+        conflate_text = headers.get("x-conflate")
+        if last_text is None and recover_text is None and conflate_text is None:
+            return None
+        if destination.kind not in (EXCHANGE, TOPIC) or not plan.shareable or ack != "auto":
+            raise ProtocolError(
+                "Invalid header",
+                "'x-last-value', 'x-recover-from' and 'x-conflate' apply to ack:auto subscriptions to /exchange "
+                "or /topic without durable, x-queue-name or queue arguments\n",
+            )
+        last_value = False
+        if last_text is not None:
+            parsed = parse_bool(last_text)
+            if parsed is None:
+                raise ProtocolError("Invalid header", f"'x-last-value' must be true or false, got {last_text!r}\n")
+            last_value = parsed
+        recover_from = None
+        if recover_text is not None:
+            try:
+                recover_from = parse_position(recover_text)
+            except ValueError:
+                raise ProtocolError(
+                    "Invalid header",
+                    f"'x-recover-from' must be <epoch>:<offset> as in a MESSAGE's x-recovery-position, got "
+                    f"{recover_text!r}\n",
+                ) from None
+        conflate_ms = None
+        if conflate_text is not None:
+            longest = int(self.settings.max_conflate_interval * 1000)
+            try:
+                conflate_ms = _uint(conflate_text)
+            except ValueError:
+                conflate_ms = 0
+            if not 1 <= conflate_ms <= longest:
+                raise ProtocolError(
+                    "Invalid header",
+                    f"'x-conflate' must be an interval of 1..{longest} ms (setting --max-conflate-interval), "
+                    f"got {conflate_text!r}\n",
+                )
+        return ContinuityRequest(last_value, recover_from, conflate_ms)
+
+    def subscription_receipt(self, receipt: Frame | None, hand_over: HandOver) -> Frame | None:
+        """A SUBSCRIBE's RECEIPT once its subscription joined its binding: ``x-recovered`` says whether the
+        messages after its ``x-recover-from`` position came first (false: live messages only, the position
+        is no longer covered), ``x-last-value`` whether the retained messages did (false: the exchange is
+        not retained by this gateway)."""
+        if receipt is None:
+            return None
+        extra = []
+        if hand_over.recovered is not None:
+            extra.append(("x-recovered", "true" if hand_over.recovered else "false"))
+        if hand_over.last_value is not None:
+            extra.append(("x-last-value", "true" if hand_over.last_value else "false"))
+        if not extra:
+            return receipt
+        return Frame(receipt.command, (*receipt.headers, *extra), receipt.body)
 
     def _check_subscription_room(self) -> None:
         if len(self.subscriptions) + len(self.temp_queues) >= self.settings.max_subscriptions:

@@ -304,6 +304,10 @@ class WebSocketProtocol(asyncio.Protocol):
         self._writing_paused = False
         self._drain_waiters: list[asyncio.Future[None]] = []
         self._timer: asyncio.TimerHandle | None = None
+        #: the STOMP connection, from the upgrade on (told of any inbound traffic: it is life)
+        self.connection: StompConnection | None = None
+        #: something arrived since the last ping round (see WebSocketServer._ping)
+        self.heard = True
 
     # -- asyncio callbacks ------------------------------------------------------------------------------
 
@@ -315,6 +319,9 @@ class WebSocketProtocol(asyncio.Protocol):
         self._timer = self.loop.call_later(OPEN_TIMEOUT, self._timed_out)
 
     def data_received(self, data: bytes) -> None:
+        self.heard = True
+        if self.connection is not None:
+            self.connection.client_alive()
         guard = self._guard
         if guard is not None:
             too_large = guard.exceeds(data)
@@ -499,7 +506,14 @@ class WebSocketProtocol(asyncio.Protocol):
             self.stomp, gateway.broker, gateway.registry, gateway.connection_settings, peer=peer
         )
         gateway.connection_opened(connection)
+        self.connection = connection
         server.track(self.loop.create_task(self._feed(connection), name=f"websocket-{peer}"))
+
+    def ping(self) -> None:
+        """A WebSocket ping, if the connection is open; the browser answers it whatever its timers do."""
+        if self.stomp is not None and self.stomp.open:
+            self.ws.send_ping(b"")
+            self.send_data()
 
     def authenticated(self) -> None:
         """CONNECT succeeded: messages up to the authenticated limit (websockets' own ``max_size``)."""
@@ -627,6 +641,8 @@ class WebSocketServer:
         self.protocols: set[WebSocketProtocol] = set()
         self.tasks: set[asyncio.Task[None]] = set()
         self.server: asyncio.Server | None = None
+        self.ping_interval: int = config.ws_ping_interval
+        self._pinger: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         config = self.gateway.config
@@ -643,6 +659,18 @@ class WebSocketServer:
             ssl_handshake_timeout=OPEN_TIMEOUT if ssl_context else None,
             ssl_shutdown_timeout=CLOSE_TIMEOUT if ssl_context else None,
         )
+        if self.ping_interval > 0:
+            self._pinger = self.loop.create_task(self._ping(), name="websocket-pings")
+
+    async def _ping(self) -> None:
+        """Every ``--ws-ping-interval`` seconds, ping each WebSocket that sent nothing since the last round
+        (one task for all connections; a busy client is never pinged)."""
+        while True:
+            await asyncio.sleep(self.ping_interval)
+            for protocol in list(self.protocols):
+                if not protocol.heard:
+                    protocol.ping()
+                protocol.heard = False
 
     def track(self, task: asyncio.Task[None]) -> None:
         self.tasks.add(task)
@@ -659,6 +687,8 @@ class WebSocketServer:
         """Stop listening; close open WebSockets with 1001 (a handshake still to come is answered 503)."""
         if self.server is not None:
             self.server.close()
+        if self._pinger is not None:
+            self._pinger.cancel()
         for protocol in list(self.protocols):
             protocol.going_away()
 

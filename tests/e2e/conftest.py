@@ -45,6 +45,9 @@ CHROMIUM_ARGS = [
 ]
 VIEWPORT: ViewportSize = {"width": 1100, "height": 700}
 START_TIMEOUT = 15.0
+#: What the page needs of a gateway for continuity (README, "Continuity"): the ticks' last values and a
+#: history to recover from after a reconnect. ``make run`` passes the same.
+CONTINUITY_ARGS = ["--retain", "stocks", "--history-size", "500", "--history-ttl", "60"]
 STOP_TIMEOUT = 10.0
 
 
@@ -215,7 +218,7 @@ def _gateway_env() -> dict[str, str]:
 @pytest.fixture(scope="module")
 def gateway(rabbitmq: str, stock_daemon: Process) -> Iterator[GatewayProcess]:
     """One gateway in front of RabbitMQ, shared by the tests that do not restart it."""
-    gw = GatewayProcess("gateway", free_port(), ["--amqp-url", rabbitmq], env=_gateway_env())
+    gw = GatewayProcess("gateway", free_port(), ["--amqp-url", rabbitmq, *CONTINUITY_ARGS], env=_gateway_env())
     try:
         gw.start()
         yield gw
@@ -226,7 +229,9 @@ def gateway(rabbitmq: str, stock_daemon: Process) -> Iterator[GatewayProcess]:
 @pytest.fixture
 def own_gateway(rabbitmq: str, stock_daemon: Process) -> Iterator[GatewayProcess]:
     """A gateway of the test's own (in front of RabbitMQ), which the test may stop and start."""
-    gw = GatewayProcess("gateway-restart", free_port(), ["--amqp-url", rabbitmq], env=_gateway_env())
+    gw = GatewayProcess(
+        "gateway-restart", free_port(), ["--amqp-url", rabbitmq, *CONTINUITY_ARGS], env=_gateway_env()
+    )
     try:
         gw.start()
         yield gw
@@ -238,7 +243,10 @@ def own_gateway(rabbitmq: str, stock_daemon: Process) -> Iterator[GatewayProcess
 def embedded_gateway() -> Iterator[GatewayProcess]:
     """What ``make run`` starts: the embedded broker and the in-process stock daemon, no AMQP_URL."""
     gw = GatewayProcess(
-        "gateway-embedded", free_port(), ["--broker", "memory", "--with-stock-daemon"], env=_gateway_env()
+        "gateway-embedded",
+        free_port(),
+        ["--broker", "memory", "--with-stock-daemon", *CONTINUITY_ARGS],
+        env=_gateway_env(),
     )
     try:
         gw.start()

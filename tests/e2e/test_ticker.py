@@ -17,7 +17,15 @@ import time
 import pytest
 from playwright.sync_api import BrowserContext, Locator, Page, expect
 
-from tests.e2e.conftest import ARTIFACTS, ROOT, GatewayProcess, Process, _gateway_env, free_port
+from tests.e2e.conftest import (
+    ARTIFACTS,
+    CONTINUITY_ARGS,
+    ROOT,
+    GatewayProcess,
+    Process,
+    _gateway_env,
+    free_port,
+)
 from tests.tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.e2e
@@ -244,8 +252,9 @@ def test_gateway_restart_status_goes_offline_then_online_and_rows_keep_updating(
     # A clean shutdown is not an error: the gateway closes the WebSocket without an ERROR frame.
     expect(page.locator("#error-banner")).to_be_hidden()
 
-    # The reconnect asks for a snapshot, which may change every price once; after it has arrived, a
-    # further change can only be a live tick, i.e. the rows were subscribed again.
+    # The reconnect brings the last values (a restarted gateway has no history to recover from), which may
+    # change every price once; after them, a further change can only be a live tick, i.e. the rows were
+    # subscribed again.
     page.wait_for_timeout(1_000)
     wait_for_price_change(page, timeout_s=3.0)
     page.wait_for_function(ALL_PRICED, arg=SYMBOLS, timeout=1_000)
@@ -321,12 +330,12 @@ def test_any_symbol_a_back_end_publishes_can_be_added(page: Page, gateway: Gatew
 
 
 def test_embedded_broker_default_like_make_run(page: Page, embedded_gateway: GatewayProcess) -> None:
-    # The in-process daemon ticks every 0.5-2.5 s per symbol (its defaults); the snapshot fills the rows.
+    # The in-process daemon ticks every 0.5-2.5 s per symbol (its defaults); the last values fill the rows.
     open_ticker(page, embedded_gateway.url, within=3.0)
     expect(page.locator("#status")).to_have_text("Online", timeout=1_000)
     expect(page.locator("#broker")).to_have_text("the embedded broker")
     wait_for_price_change(page, timeout_s=4.0)
-    # Every symbol ticks at least every 2.5 s: snapshot point + one tick each.
+    # Every symbol ticks at least every 2.5 s: last-value point + one tick each.
     page.wait_for_function(SPARKLINES_HAVE, arg=[SYMBOLS, 2], timeout=4_000)
 
 
@@ -338,13 +347,16 @@ def test_the_page_takes_its_symbols_and_destinations_from_the_server(page: Page)
     # repeats neither, shows those symbols and gets their prices from that exchange.
     env = {**_gateway_env(), "STOCK_SYMBOLS": "IBM=120,TSLA=250", "STOCK_EXCHANGE": "ticks-e2e"}
     gw = GatewayProcess(
-        "gateway-own-symbols", free_port(), ["--broker", "memory", "--with-stock-daemon"], env=env
+        "gateway-own-symbols",
+        free_port(),
+        ["--broker", "memory", "--with-stock-daemon", "--retain", "ticks-e2e", "--history-size", "100"],
+        env=env,
     )
     try:
         gw.start()
         open_ticker(page, gw.url, symbols=["IBM", "TSLA"], within=3.0)
         assert page.evaluate(ROW_SYMBOLS) == ["IBM", "TSLA"]
-        wait_for_price_change(page, timeout_s=4.0)  # live ticks, not only the snapshot
+        wait_for_price_change(page, timeout_s=4.0)  # live ticks, not only the last values
         assert stored_symbols(page) == ["IBM", "TSLA"]
     finally:
         gw.stop()
@@ -449,7 +461,7 @@ def test_broker_outage_is_told_in_plain_words_and_cleared_on_recovery(
 ) -> None:
     proxy = ThreadedProxy(5672)
     url = rabbitmq.replace(":5672", f":{proxy.proxy.port}")
-    gw = GatewayProcess("gateway-proxied", free_port(), ["--amqp-url", url], env=_gateway_env())
+    gw = GatewayProcess("gateway-proxied", free_port(), ["--amqp-url", url, *CONTINUITY_ARGS], env=_gateway_env())
     try:
         gw.start()
         open_ticker(page, gw.url)

@@ -18,6 +18,7 @@ import pytest
 
 from gateway.config import Config, ConfigError, parse_args
 from gateway.connection import ConnectionSettings
+from gateway.fanout import ContinuitySettings
 from gateway.server import Gateway
 from gateway.settings import derive
 from gateway.stomp.frames import Limits
@@ -157,7 +158,8 @@ def test_each_layers_settings_are_config_settings_with_their_defaults() -> None:
     assert _not_taken(Limits) == set()
     assert _not_taken(SessionSettings) == set()
     assert _not_taken(ConnectionSettings) == {"limits", "session", "close_timeout"}
-    for cls in (Limits, SessionSettings, ConnectionSettings):
+    assert _not_taken(ContinuitySettings) == set()
+    for cls in (Limits, SessionSettings, ConnectionSettings, ContinuitySettings):
         built = cls()
         for f in dataclasses.fields(cls):
             if f.name in {c.name for c in dataclasses.fields(Config)}:
@@ -170,7 +172,7 @@ def test_the_gateway_derives_every_layers_settings_from_its_config() -> None:
         "default_login": "l", "default_passcode": "p", "default_vhost": "v", "heartbeat_min": 1,
         "heartbeat_max": 2, "topic_exchange": "t", "max_subscriptions": 3, "max_transactions": 4,
         "max_transaction_frames": 5, "max_transaction_bytes": 6, "server_name": "s", "shared_fanout": False,
-        "login_timeout": 1.5, "max_outbound_buffer": 11,
+        "login_timeout": 1.5, "max_outbound_buffer": 11, "max_conflate_interval": 2.5, "stream_prefetch": 12,
     }
     config = dataclasses.replace(Config(broker="memory"), **changed)
     settings = Gateway(config).connection_settings
@@ -181,7 +183,18 @@ def test_the_gateway_derives_every_layers_settings_from_its_config() -> None:
         "max_outbound_buffer": settings.max_outbound_buffer,
     }
     assert seen == changed
+    assert settings.max_conflate_interval == 2.5
     assert derive(ConnectionSettings, config) == settings
+
+
+def test_the_shared_bindings_take_the_continuity_settings_from_the_config() -> None:
+    changed = {
+        "retain": ["a", "b"], "retain_max_keys": 3, "retain_max_bytes": 4, "history_size": 5, "history_ttl": 6.5,
+        "history_max_bytes": 7, "default_login": "l", "default_passcode": "p", "default_vhost": "v",
+    }
+    registry = Gateway(dataclasses.replace(Config(broker="memory"), **changed)).registry
+    assert dataclasses.asdict(registry.settings) == changed
+    assert list(registry.retainers) == ["a", "b"]
 
 
 # --- /info.json: what the page learns from the server ----------------------------------------------------

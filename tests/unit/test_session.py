@@ -10,6 +10,7 @@ Expected ERROR texts are RabbitMQ's (``rabbitmq-stomp.md`` section g) wherever R
 from __future__ import annotations
 
 import dataclasses
+import datetime
 
 import pytest
 from hypothesis import given, settings
@@ -23,6 +24,7 @@ from gateway.broker.base import (
     MessageProperties,
     VhostNotFound,
 )
+from gateway.continuity import HandOver
 from gateway.destinations import Destination, QueueDeclaration, durable_subscription_queue_name
 from gateway.stomp.frames import Frame, ProtocolError
 from gateway.stomp.session import (
@@ -1551,3 +1553,111 @@ class TestResourceLimits:
             session.receive_frame(make("SEND", {"destination": "/queue/q", "transaction": "t"}, b"x" * 8))
             actions = session.receive_frame(make("COMMIT", {"transaction": "t"}))
             assert isinstance(actions[0], Publish)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Continuity headers (issue 14): what a SUBSCRIBE asks of its shared binding, and what its RECEIPT says
+
+
+class TestContinuity:
+    def test_the_headers_become_the_subscriptions_request(self) -> None:
+        session = connected()
+        sub = subscribe(
+            session,
+            {"destination": "/topic/t", "id": "1", "x-last-value": "true", "x-recover-from": "Ab-_9x:42",
+             "x-conflate": "250"},
+        )
+        assert sub.continuity is not None
+        assert (sub.continuity.last_value, sub.continuity.recover_from, sub.continuity.conflate_ms) == (
+            True, ("Ab-_9x", 42), 250,
+        )
+        assert sub.shared
+
+    def test_without_the_headers_nothing_changes(self) -> None:
+        sub = subscribe(connected(), {"destination": "/topic/t", "id": "1"})
+        assert sub.continuity is None and not sub.gateway_acks and sub.broker_no_ack
+
+    def test_a_continuity_subscription_is_shared_even_with_shared_fanout_off(self) -> None:
+        session = connected(settings=SessionSettings(shared_fanout=False))
+        assert not subscribe(session, {"destination": "/topic/t", "id": "1"}).shared
+        assert subscribe(session, {"destination": "/topic/t", "id": "2", "x-conflate": "10"}).shared
+
+    def test_x_last_value_false_asks_for_nothing_retained(self) -> None:
+        sub = subscribe(connected(), {"destination": "/exchange/x/k", "id": "1", "x-last-value": "false"})
+        assert sub.continuity is not None and not sub.continuity.last_value
+
+    @pytest.mark.parametrize(
+        "headers",
+        [
+            {"destination": "/queue/q", "x-recover-from": "e:1"},
+            {"destination": "/amq/queue/q", "x-conflate": "10"},
+            {"destination": "/topic/t", "x-last-value": "true", "durable": "true"},
+            {"destination": "/topic/t", "x-last-value": "true", "x-queue-name": "mine"},
+            {"destination": "/topic/t", "x-last-value": "true", "x-message-ttl": "1000"},
+            {"destination": "/topic/t", "x-last-value": "true", "ack": "client-individual"},
+        ],
+    )
+    def test_only_shared_bindings_serve_them(self, headers: dict[str, str]) -> None:
+        message, body = fails(connected(), make("SUBSCRIBE", {"id": "1", **headers}))
+        assert message == "Invalid header"
+        assert "apply to ack:auto subscriptions to /exchange or /topic" in body
+
+    def test_the_longest_conflation_is_the_setting(self) -> None:
+        session = connected(settings=SessionSettings(max_conflate_interval=2.0))
+        assert subscribe(session, {"destination": "/topic/t", "id": "1", "x-conflate": "2000"}).continuity
+        message, body = fails(session, make("SUBSCRIBE", {"destination": "/topic/t", "id": "2", "x-conflate": "2001"}))
+        assert message == "Invalid header" and "1..2000 ms (setting --max-conflate-interval)" in body
+
+    def test_the_receipt_says_what_the_subscription_got(self) -> None:
+        session = connected()
+        base = receipt("r")
+        assert session.subscription_receipt(base, HandOver()) == base
+        assert session.subscription_receipt(None, HandOver(True, None)) is None
+        got = session.subscription_receipt(base, HandOver(recovered=False, last_value=True))
+        assert got is not None
+        assert got.headers == (("receipt-id", "r"), ("x-recovered", "false"), ("x-last-value", "true"))
+
+
+class TestStreamOffset:
+    @pytest.mark.parametrize(
+        ("value", "argument"),
+        [
+            ("first", "first"),
+            ("last", "last"),
+            ("next", "next"),
+            ("offset=0", 0),
+            ("offset=12345", 12345),
+            ("timestamp=1700000000", datetime.datetime(2023, 11, 14, 22, 13, 20, tzinfo=datetime.UTC)),
+        ],
+    )
+    def test_each_form_becomes_rabbitmqs_consumer_argument(self, value: str, argument: object) -> None:
+        sub = subscribe(connected(), {"destination": "/amq/queue/s", "id": "1", "x-stream-offset": value})
+        assert sub.consumer_arguments["x-stream-offset"] == argument
+
+    def test_ack_auto_means_the_gateway_acks_with_a_prefetch(self) -> None:
+        session = connected(settings=SessionSettings(stream_prefetch=7))
+        sub = subscribe(session, {"destination": "/queue/s", "id": "1", "x-stream-offset": "first"})
+        assert sub.ack == "auto" and sub.gateway_acks and not sub.broker_no_ack
+        assert sub.prefetch_count == 7
+        own = subscribe(
+            session, {"destination": "/queue/s", "id": "2", "x-stream-offset": "first", "prefetch-count": "3"}
+        )
+        assert own.prefetch_count == 3
+        message = session.render(sub, session.deliver(sub, delivery(1)))
+        assert b"\nack:" not in message  # nothing for the client to acknowledge
+
+    def test_a_stream_declared_by_the_subscribe_is_acked_by_the_gateway_too(self) -> None:
+        sub = subscribe(connected(), {"destination": "/queue/s", "id": "1", "x-queue-type": "stream"})
+        assert sub.gateway_acks and sub.prefetch_count == SessionSettings().stream_prefetch
+        assert "x-stream-offset" not in sub.consumer_arguments  # RabbitMQ's default: next
+
+    def test_client_ack_stays_the_clients(self) -> None:
+        sub = subscribe(
+            connected(), {"destination": "/queue/s", "id": "1", "x-stream-offset": "last", "ack": "client"}
+        )
+        assert not sub.gateway_acks and sub.prefetch_count is None
+
+    @pytest.mark.parametrize("value", ["", "FIRST", "offset=", "offset=-1", "offset=x", "timestamp=soon", "when=1"])
+    def test_other_values_are_an_error(self, value: str) -> None:
+        message, body = fails(connected(), make("SUBSCRIBE", {"destination": "/queue/s", "x-stream-offset": value}))
+        assert message == "Invalid header" and "'x-stream-offset' must be first, last, next" in body

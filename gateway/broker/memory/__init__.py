@@ -24,8 +24,9 @@ Where it differs from RabbitMQ, on purpose:
 * Every :class:`~gateway.broker.base.Delivery` of one message shares one
   :class:`~gateway.broker.base.MessageProperties` (a private copy made at publish time): consumers must
   treat it, and its ``headers``, as read-only.
-* ``headers`` exchanges, consumer priorities, ``x-max-length-bytes``, ``x-max-priority``, queue types
-  and ``basic.get`` are not modelled; unknown ``x-`` arguments are stored and ignored.
+* ``headers`` exchanges, consumer priorities, ``x-max-length-bytes``, ``x-max-priority``, quorum queues
+  and ``basic.get`` are not modelled; unknown ``x-`` arguments are stored and ignored. Stream queues are, in
+  outline (:mod:`~gateway.broker.memory.streams`: a log read from ``x-stream-offset``).
 
 Named limits: :data:`MAX_QUEUE_LENGTH` (a queue without ``x-max-length`` keeps at most this many ready
 messages, dropping the oldest), :data:`MAX_DISPATCH_BATCH` (deliveries per queue per event-loop pass) and

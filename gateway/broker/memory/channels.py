@@ -165,7 +165,8 @@ class MemoryChannel(Channel):
         exclusive: bool = False,
         arguments: Mapping[str, Any] | None = None,
     ) -> str:
-        """Start a consumer; deliveries begin in a later event-loop pass. ``arguments`` are ignored."""
+        """Start a consumer; deliveries begin in a later event-loop pass. ``arguments`` matter to stream
+        queues only (``x-stream-offset``)."""
         try:
             self._check_open()
             check_names(queue_name=queue, consumer_tag=consumer_tag)
@@ -173,6 +174,7 @@ class MemoryChannel(Channel):
                 raise BrokerError(530, "not_allowed", f"attempt to reuse consumer tag '{consumer_tag}'")
             source = self._vhost.queue(queue, self)
             source.check_consumable(exclusive)
+            source.check_consumer(no_ack, max(prefetch_count or 0, 0), arguments)
         except BrokerError as error:
             raise self.fail(error) from None
         tag = consumer_tag or random_name("amq.ctag-")
@@ -186,7 +188,7 @@ class MemoryChannel(Channel):
             delivery_tags=self._delivery_tags,
         )
         self._consumers[tag] = consumer
-        source.add_consumer(consumer, exclusive=exclusive)
+        source.add_consumer(consumer, exclusive=exclusive, arguments=arguments)
         return tag
 
     async def cancel(self, consumer_tag: str) -> None:

@@ -329,8 +329,12 @@ class Queue:
 
     # -- Consumers
 
-    def add_consumer(self, consumer: Consumer, *, exclusive: bool) -> None:
-        """Deliveries to it begin in the next dispatch pass (after :meth:`check_consumable`)."""
+    def check_consumer(self, no_ack: bool, prefetch: int, arguments: Mapping[str, Any] | None) -> None:
+        """Raise the BrokerError RabbitMQ would for such a consumer (a classic queue takes any)."""
+
+    def add_consumer(self, consumer: Consumer, *, exclusive: bool, arguments: Mapping[str, Any] | None = None) -> None:
+        """Deliveries to it begin in the next dispatch pass (after :meth:`check_consumable`); a classic queue
+        ignores the consumer ``arguments``."""
         self.consumers.append(consumer)
         if exclusive:
             self.exclusive_consumer = consumer

@@ -33,6 +33,7 @@ from gateway.broker.memory.exchanges import (
 )
 from gateway.broker.memory.messages import Message, is_cycle
 from gateway.broker.memory.queues import Dispatcher, Queue
+from gateway.broker.memory.streams import StreamQueue
 
 if TYPE_CHECKING:
     from gateway.broker.memory.channels import MemoryChannel
@@ -134,7 +135,8 @@ class VHost:
             name = random_name("amq.gen-")
             while name in self.queues:
                 name = random_name("amq.gen-")
-        queue = Queue(
+        kind = StreamQueue if arguments.get("x-queue-type") == "stream" else Queue
+        queue = kind(
             self,
             name,
             durable=durable,
