@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
 
 from gateway import metrics
+from gateway.auth import load_policy
 from gateway.broker.base import Broker
 from gateway.config import Config, ConfigError
 from gateway.connection import ConnectionSettings, StompConnection
 from gateway.destinations import format_destination
 from gateway.fanout import FanoutRegistry
+from gateway.limits import Admission, Refusal
 from gateway.settings import derive
 from gateway.transport.http import DEFAULT_WEB_ROOT, HttpResponder
 from stock_daemon.daemon import DaemonConfig
@@ -45,6 +48,17 @@ def _ticker_settings() -> DaemonConfig | None:
         return None
 
 
+def _gateway_credentials(config: Config) -> tuple[str, str]:
+    """The broker login of token and anonymous sessions: the user of ``--amqp-url``, or the default login
+    of the embedded broker."""
+    if config.broker == "rabbitmq" and config.amqp_url:
+        from gateway.broker.amqp import credentials_from_url
+
+        login, passcode, _ = credentials_from_url(config.amqp_url)
+        return login, passcode
+    return config.default_login, config.default_passcode
+
+
 class ListenError(Exception):
     """A listener could not open its port; the message names that listener, its port and why."""
 
@@ -60,6 +74,14 @@ class Gateway:
         self.broker = broker or make_broker(config)
         self.registry = FanoutRegistry(self.broker, config.topic_exchange)
         self.connection_settings = derive(ConnectionSettings, config)
+        self.tokens = load_policy(config)
+        self.connection_settings.session = dataclasses.replace(self.connection_settings.session, tokens=self.tokens)
+        self.connection_settings.gateway_credentials = _gateway_credentials(config)
+        self.admission = Admission(config.max_connections, config.max_connections_per_ip)
+        for name in ("max_connections", "max_connections_per_ip", "max_frames_per_second"):
+            value = getattr(config, name)
+            if value is not None:
+                metrics.LIMITS.labels(name).set(value)
         self.ticker = _ticker_settings()
         self.connections: set[StompConnection] = set()
         self._metrics_task: asyncio.Task[None] | None = None
@@ -69,6 +91,18 @@ class Gateway:
         self._daemon_stop = asyncio.Event()
         self.port: int | None = None
         self.tcp_port: int | None = None
+
+    def admit(self, address: str) -> Refusal | None:
+        """Take one more connection from ``address`` (a transport asks before it starts a session), or say why
+        not. An admitted address is released with :meth:`release` when its connection ends."""
+        refusal = self.admission.admit(address)
+        if refusal is not None:
+            metrics.CONNECTIONS_REFUSED.labels(refusal.reason).inc()
+            logger.info("refused a connection from %s: %s", address, refusal.text.strip())
+        return refusal
+
+    def release(self, address: str) -> None:
+        self.admission.release(address)
 
     def connection_opened(self, connection: StompConnection) -> None:
         self.connections.add(connection)
@@ -134,6 +168,9 @@ class Gateway:
         destination of its ticks, and the ``snapshot_destination`` to which snapshot requests go.
         """
         info: dict[str, object] = {"broker": "RabbitMQ" if self.broker.kind == "rabbitmq" else "the embedded broker"}
+        if self.tokens is not None:
+            # The page asks for the snapshot (a SEND) only when it has a token or anonymous sessions may send.
+            info["tokens"] = {"anonymous_scopes": list(self.tokens.anonymous_scopes)}
         if self.ticker is not None:
             info["ticker"] = {
                 "symbols": list(self.ticker.symbols),
