@@ -15,6 +15,10 @@
  * stompjs hands to onUnhandledMessage, and fills the table at once. Any symbol can be added: a row
  * without a tick yet says "waiting for data", and after a while "no data yet".
  *
+ * Tokens: a page opened as /?access_token=<JWT> (or #access_token=...) passes the token on as the
+ * access_token query parameter of the WebSocket URL. When the gateway checks tokens (info.json has
+ * "tokens") and the page has none, it only subscribes (an anonymous read scope) and asks for no snapshot.
+ *
  * While the connection is down the rows are dimmed and the page says since when the prices are stale;
  * an ERROR from the server is shown in plain words and cleared once the connection is back.
  *
@@ -62,6 +66,9 @@
   let flapDelay = 0;
   /** From info.json: {symbols, destination_prefix, snapshot_destination}; null until it answered. */
   let ticker = null;
+  /** Whether the page may ask for snapshots (a SEND): always, unless the gateway checks tokens and the page
+   * has none (an anonymous visitor may only read the ticks). */
+  let snapshots = true;
   /** Whether the visitor's own list of symbols is in use (stored earlier, or changed on this page). */
   let chosen = false;
 
@@ -80,11 +87,21 @@
     return el ? el.content.trim() : '';
   }
 
+  /** A token given to the page as ?access_token=... or #access_token=... (what an OAuth 2.0 login returns). */
+  function accessToken() {
+    const fromQuery = new URLSearchParams(window.location.search).get('access_token');
+    const fromHash = new URLSearchParams(window.location.hash.replace(/^#/, '')).get('access_token');
+    return (fromQuery || fromHash || '').trim();
+  }
+
+  // Browsers cannot set headers on a WebSocket: the token travels as the access_token query parameter.
   function brokerUrl() {
     const configured = meta('stomp-url');
-    if (configured) return configured;
     const scheme = window.location.protocol === 'https:' ? 'wss:' : 'ws:';
-    return `${scheme}//${window.location.host}/ws`;
+    const url = configured || `${scheme}//${window.location.host}/ws`;
+    const token = accessToken();
+    if (!token) return url;
+    return `${url}${url.includes('?') ? '&' : '?'}access_token=${encodeURIComponent(token)}`;
   }
 
   function normalize(text) {
@@ -338,6 +355,7 @@
   }
 
   function requestSnapshot() {
+    if (!snapshots) return; // prices appear as they tick
     snapshotCounter += 1;
     client.publish({
       destination: ticker.snapshot_destination,
@@ -456,6 +474,7 @@
   function start(info) {
     if (info.broker) $('#broker').textContent = info.broker; // the broker actually behind the gateway
     ticker = tickerOf(info);
+    snapshots = !info.tokens || Boolean(accessToken());
     if (!chosen) {
       ticker.symbols.map(normalize).filter((s) => SYMBOL_RE.test(s) && !rows.has(s)).forEach(addRow);
       saveSymbols();
