@@ -6,7 +6,9 @@ dispatched in a later loop pass, so tests ``await drain()`` before looking at wh
 
 from __future__ import annotations
 
+import ast
 import asyncio
+import pathlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -15,6 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import gateway.broker.memory
 from gateway.broker.base import (
     AccessRefused,
     BrokerError,
@@ -1359,3 +1362,39 @@ async def test_fan_out_to_ten_thousand_queues(broker: MemoryBroker, channel: Mem
         f"\nfan-out: {messages} x {subscribers} queues: publish {1000 * (published - started):.1f} ms, "
         f"dispatch {1000 * (delivered - published):.1f} ms"
     )
+
+
+# --------------------------------------------------------------------------------------------------------
+# The package: one module per concept, talking through public members
+
+
+def _is_private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")
+
+
+def test_modules_touch_no_private_member_of_another_object() -> None:
+    """Each object reads and changes only its own ``_private`` state: no ``other._x`` and no import of a
+    ``_name`` from a sibling module (the old single module had its broker and channels do both ways)."""
+    package = pathlib.Path(gateway.broker.memory.__file__).parent
+    modules = sorted(package.glob("*.py"))
+    assert {path.stem for path in modules} >= {"broker", "channels", "exchanges", "queues", "consumers"}
+    offences = []
+    for path in modules:
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Attribute) and _is_private(node.attr):
+                if not (isinstance(node.value, ast.Name) and node.value.id == "self"):
+                    offences.append(f"{path.name}:{node.lineno}: {ast.unparse(node)}")
+            elif isinstance(node, ast.ImportFrom):
+                offences.extend(
+                    f"{path.name}:{node.lineno}: from {node.module} import {alias.name}"
+                    for alias in node.names
+                    if _is_private(alias.name)
+                )
+    assert offences == []
+
+
+def test_package_exports_the_public_names() -> None:
+    exported = {name: getattr(gateway.broker.memory, name) for name in gateway.broker.memory.__all__}
+    assert exported["MemoryBroker"] is MemoryBroker and exported["MemoryChannel"] is MemoryChannel
+    assert exported["MAX_QUEUE_LENGTH"] == MemoryBroker().max_queue_length
+    assert {"MAX_DISPATCH_BATCH", "ROUTE_CACHE_SIZE", "MemoryPrincipal", "QueueInfo"} <= exported.keys()
