@@ -140,6 +140,8 @@
     'Bad CONNECT': 'The server did not accept this page\'s login.',
     'Slow consumer': 'The connection fell too far behind and was reset. The page reconnects by itself.',
     'Heart-beat timeout': 'The connection went quiet and was reset. The page reconnects by itself.',
+    'Token expired': 'Your sign-in expired. Open the page again with a new token.',
+    access_refused: 'Your sign-in does not allow this.',
   };
 
   function showError(message, body) {
