@@ -28,7 +28,8 @@ class Refusal:
 
 
 class Admission:
-    """Counts open connections; :meth:`admit` before taking one (and :meth:`release` when it ends)."""
+    """Counts open connections: ask :meth:`refuse` before taking one, then say :meth:`opened` and, when it
+    ends, :meth:`closed`."""
 
     __slots__ = ("max_per_ip", "max_total", "per_ip", "total")
 
@@ -38,8 +39,8 @@ class Admission:
         self.total = 0
         self.per_ip: collections.Counter[str] = collections.Counter()
 
-    def admit(self, address: str) -> Refusal | None:
-        """Take one connection from ``address``, or say why not (nothing is counted then)."""
+    def refuse(self, address: str) -> Refusal | None:
+        """Why one more connection from ``address`` must not be taken, or None (nothing is counted here)."""
         if self.max_total is not None and self.total >= self.max_total:
             return Refusal(
                 503, "max_connections", f"The gateway is at its limit of {self.max_total} connections\n"
@@ -50,12 +51,15 @@ class Admission:
                 "max_connections_per_ip",
                 f"Your address holds the most connections allowed ({self.max_per_ip})\n",
             )
-        self.total += 1
-        self.per_ip[address] += 1
         return None
 
-    def release(self, address: str) -> None:
-        """One connection admitted from ``address`` ended."""
+    def opened(self, address: str) -> None:
+        """A connection from ``address`` was taken."""
+        self.total += 1
+        self.per_ip[address] += 1
+
+    def closed(self, address: str) -> None:
+        """A connection from ``address`` ended."""
         self.total -= 1
         self.per_ip[address] -= 1
         if self.per_ip[address] <= 0:

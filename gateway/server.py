@@ -6,17 +6,19 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from gateway import metrics
-from gateway.auth import load_policy
+from gateway.auth import load_policy, token_from_request
 from gateway.broker.base import Broker
 from gateway.config import Config, ConfigError
-from gateway.connection import ConnectionSettings, StompConnection
+from gateway.connection import ConnectionSettings, Handshake, StompConnection
 from gateway.destinations import format_destination
 from gateway.fanout import FanoutRegistry
 from gateway.limits import Admission, Refusal
+from gateway.proxy import TrustedProxies
 from gateway.settings import derive
 from gateway.transport.http import DEFAULT_WEB_ROOT, HttpResponder
 from stock_daemon.daemon import DaemonConfig
@@ -78,6 +80,7 @@ class Gateway:
         self.connection_settings.session = dataclasses.replace(self.connection_settings.session, tokens=self.tokens)
         self.connection_settings.gateway_credentials = _gateway_credentials(config)
         self.admission = Admission(config.max_connections, config.max_connections_per_ip)
+        self.trusted_proxies = TrustedProxies(config.trusted_proxies)
         for name in ("max_connections", "max_connections_per_ip", "max_frames_per_second"):
             value = getattr(config, name)
             if value is not None:
@@ -92,19 +95,44 @@ class Gateway:
         self.port: int | None = None
         self.tcp_port: int | None = None
 
-    def admit(self, address: str) -> Refusal | None:
-        """Take one more connection from ``address`` (a transport asks before it starts a session), or say why
-        not. An admitted address is released with :meth:`release` when its connection ends."""
-        refusal = self.admission.admit(address)
+    # -- the door: who is connecting, and may they ------------------------------------------------------
+
+    def handshake(
+        self,
+        peer: Any,
+        *,
+        proxied: tuple[str, int] | None = None,
+        query: str = "",
+        headers: Callable[[str], list[str]] | None = None,
+    ) -> Handshake:
+        """What a transport learnt of a new client: ``peer`` is the socket's peername; ``proxied`` the
+        address a PROXY protocol header named (the transport reads one only from a trusted proxy);
+        ``query`` the upgrade request's query string and ``headers(name)`` its header values. The client
+        address is the PROXY header's, else ``X-Forwarded-For``'s from a trusted proxy, else the peer's."""
+        address, port = (str(peer[0]), int(peer[1])) if peer else ("?", None)
+        get = headers or (lambda name: [])
+        if proxied is not None:
+            address, port = proxied
+        elif self.trusted_proxies and self.trusted_proxies.trusts(address):
+            client = self.trusted_proxies.client_address(address, get("X-Forwarded-For"))
+            if client != address:
+                address, port = client, None
+        token = None
+        if headers is not None:
+            token = token_from_request(query, get("Authorization"), get("Cookie"), self.config.jwt_cookie)
+        return Handshake(address, port, token)
+
+    def refusal(self, address: str) -> Refusal | None:
+        """Why one more connection from ``address`` must not be taken now (answer it and close), or None.
+        It is counted once :meth:`connection_opened` runs, released at :meth:`connection_closed`."""
+        refusal = self.admission.refuse(address)
         if refusal is not None:
             metrics.CONNECTIONS_REFUSED.labels(refusal.reason).inc()
             logger.info("refused a connection from %s: %s", address, refusal.text.strip())
         return refusal
 
-    def release(self, address: str) -> None:
-        self.admission.release(address)
-
     def connection_opened(self, connection: StompConnection) -> None:
+        self.admission.opened(connection.handshake.address)
         self.connections.add(connection)
         kind = connection.transport.kind
         metrics.CONNECTIONS.labels(kind).inc()
@@ -112,6 +140,7 @@ class Gateway:
 
     def connection_closed(self, connection: StompConnection) -> None:
         if connection in self.connections:
+            self.admission.closed(connection.handshake.address)
             self.connections.discard(connection)
             metrics.CONNECTIONS.labels(connection.transport.kind).dec()
 

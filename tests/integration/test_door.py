@@ -1,0 +1,91 @@
+"""Limits at the door and the client's address behind a load balancer, over real sockets (issue 13):
+--max-connections, --max-connections-per-ip, PROXY protocol v1/v2 and X-Forwarded-For from --trusted-proxy
+networks only."""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+
+import pytest
+
+from gateway.proxy import PROXY_V2
+from gateway.server import Gateway
+from tests.integration.test_tokens import sample
+from tests.stomp_client import StompClient, open_tcp
+
+pytestmark = pytest.mark.rabbitmq_only("the door is the same for both brokers; one is enough")
+
+
+async def wait_for(predicate: object, timeout: float = 3.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():  # type: ignore[operator]
+        assert loop.time() < deadline, "timed out"
+        await asyncio.sleep(0.02)
+
+
+def addresses(gateway: Gateway) -> set[str]:
+    return {connection.handshake.address for connection in gateway.connections}
+
+
+async def closed_without_a_frame(reader: asyncio.StreamReader) -> bool:
+    return await asyncio.wait_for(reader.read(100), 3) == b""
+
+
+class TestTcp:
+    @pytest.mark.parametrize("gateway_overrides", [{"max_connections": 2}])
+    async def test_max_connections(self, gateway: Gateway, clients: list[StompClient]) -> None:
+        assert gateway.tcp_port is not None
+        for _ in range(2):
+            clients.append(await open_tcp("127.0.0.1", gateway.tcp_port))
+        await wait_for(lambda: len(gateway.connections) == 2)
+        before = sample('stomp_gateway_connections_refused_total{reason="max_connections"}')
+        reader, writer = await asyncio.open_connection("127.0.0.1", gateway.tcp_port)
+        assert await closed_without_a_frame(reader)
+        writer.close()
+        assert sample('stomp_gateway_connections_refused_total{reason="max_connections"}') == before + 1
+        assert sample('stomp_gateway_limit{name="max_connections"}') == 2
+        # one leaves, one more may come
+        await clients.pop().close()
+        await wait_for(lambda: len(gateway.connections) == 1)
+        c = await open_tcp("127.0.0.1", gateway.tcp_port)
+        clients.append(c)
+        await c.connect()
+
+    @pytest.mark.parametrize("gateway_overrides", [{"max_connections_per_ip": 1, "trusted_proxies": ["127.0.0.0/8"]}])
+    async def test_per_ip_counts_the_address_the_proxy_names(self, gateway: Gateway) -> None:
+        assert gateway.tcp_port is not None
+        opened = []
+        for header in (
+            b"PROXY TCP4 203.0.113.7 10.0.0.1 51000 61613\r\n",
+            PROXY_V2 + bytes((0x21, 0x11)) + struct.pack(">H", 12) + bytes([198, 51, 100, 9, 10, 0, 0, 1]) + struct.pack(">HH", 4000, 61613),
+        ):
+            reader, writer = await asyncio.open_connection("127.0.0.1", gateway.tcp_port)
+            writer.write(header + b"CONNECT\naccept-version:1.2\nhost:/\n\n\x00")
+            assert (await asyncio.wait_for(reader.readuntil(b"\x00"), 5)).startswith(b"CONNECTED")
+            opened.append(writer)
+        assert addresses(gateway) == {"203.0.113.7", "198.51.100.9"}
+        # a second connection from 203.0.113.7 is over its limit; from another address it is not
+        reader, writer = await asyncio.open_connection("127.0.0.1", gateway.tcp_port)
+        writer.write(b"PROXY TCP4 203.0.113.7 10.0.0.1 51001 61613\r\n")
+        assert await closed_without_a_frame(reader)
+        for w in opened:
+            w.close()
+
+    @pytest.mark.parametrize("gateway_overrides", [{"trusted_proxies": ["10.0.0.0/8"]}])
+    async def test_an_untrusted_peer_cannot_claim_an_address(self, gateway: Gateway) -> None:
+        assert gateway.tcp_port is not None
+        reader, writer = await asyncio.open_connection("127.0.0.1", gateway.tcp_port)
+        writer.write(b"PROXY TCP4 203.0.113.7 10.0.0.1 51000 61613\r\n\n\x00")
+        # not a trusted proxy: the header is STOMP input, and a bad one (a frame whose command is "PROXY ...")
+        assert b"ERROR" in await asyncio.wait_for(reader.read(1000), 5)
+        writer.close()
+
+    @pytest.mark.parametrize("gateway_overrides", [{"trusted_proxies": ["127.0.0.0/8"]}])
+    async def test_a_trusted_proxy_may_send_no_header(self, gateway: Gateway, clients: list[StompClient]) -> None:
+        assert gateway.tcp_port is not None
+        c = await open_tcp("127.0.0.1", gateway.tcp_port)
+        clients.append(c)
+        await c.connect()
+        assert addresses(gateway) == {"127.0.0.1"}
