@@ -22,7 +22,7 @@ from websockets.http11 import Request, Response
 from websockets.protocol import State
 from websockets.typing import Subprotocol
 
-from gateway.connection import Backlog, StompConnection, Transport
+from gateway.connection import Backlog, Handshake, StompConnection, Transport
 from gateway.metrics import TALLY
 from gateway.stomp.writer import MessageTemplate
 from gateway.transport.http import HttpResponder
@@ -219,11 +219,14 @@ async def serve_websocket(gateway: Any, http: HttpResponder) -> Server:
     """Start the WebSocket + HTTP listener of ``gateway`` (a :class:`gateway.server.Gateway`)."""
     config = gateway.config
 
+    #: what the upgrade request told of each client (address, token), from process_request to the handler
+    handshakes: weakref.WeakKeyDictionary[ServerConnection, Handshake] = weakref.WeakKeyDictionary()
+
     async def handler(ws: ServerConnection) -> None:
-        peer = "{}:{}".format(*ws.remote_address[:2]) if ws.remote_address else "?"
+        handshake = handshakes.pop(ws, None) or gateway.handshake(ws.remote_address)
         transport = WebSocketTransport(ws, config.max_frame_size_unauthenticated, config.max_frame_size)
         connection = StompConnection(
-            transport, gateway.broker, gateway.registry, gateway.connection_settings, peer=peer
+            transport, gateway.broker, gateway.registry, gateway.connection_settings, handshake=handshake
         )
         gateway.connection_opened(connection)
         try:
@@ -249,6 +252,15 @@ async def serve_websocket(gateway: Any, http: HttpResponder) -> Server:
                 response = ws.respond(HTTPStatus.UPGRADE_REQUIRED, "Only WebSocket version 13 is supported\n")
                 response.headers["Sec-WebSocket-Version"] = "13"
                 return response
+            # The door: who the client is (behind trusted proxies), its token, and whether it may come in.
+            query = request.path.split("?", 1)[1] if "?" in request.path else ""
+            handshake = gateway.handshake(ws.remote_address, query=query, headers=request.headers.get_all)
+            refusal = gateway.refusal(handshake.address)
+            if refusal is not None:
+                response = ws.respond(HTTPStatus(refusal.status), refusal.text)
+                response.headers["Retry-After"] = str(refusal.retry_after)
+                return response
+            handshakes[ws] = handshake
             return None
         return http.respond(request)
 

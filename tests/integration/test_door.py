@@ -8,11 +8,12 @@ import asyncio
 import struct
 
 import pytest
+from websockets.exceptions import InvalidStatus
 
 from gateway.proxy import PROXY_V2
 from gateway.server import Gateway
 from tests.integration.test_tokens import sample
-from tests.stomp_client import StompClient, open_tcp
+from tests.stomp_client import StompClient, open_tcp, open_ws
 
 pytestmark = pytest.mark.rabbitmq_only("the door is the same for both brokers; one is enough")
 
@@ -89,3 +90,46 @@ class TestTcp:
         clients.append(c)
         await c.connect()
         assert addresses(gateway) == {"127.0.0.1"}
+
+
+class TestWebSocket:
+    @pytest.mark.parametrize("gateway_overrides", [{"max_connections": 1}])
+    async def test_max_connections_is_503_with_retry_after(
+        self, gateway: Gateway, ws_url: str, clients: list[StompClient]
+    ) -> None:
+        clients.append(await open_ws(ws_url))
+        await wait_for(lambda: len(gateway.connections) == 1)
+        with pytest.raises(InvalidStatus) as refused:
+            await open_ws(ws_url)
+        response = refused.value.response
+        assert response.status_code == 503
+        assert response.headers["Retry-After"] == "5"
+        assert b"limit of 1 connections" in response.body
+
+    @pytest.mark.parametrize(
+        "gateway_overrides", [{"max_connections_per_ip": 1, "trusted_proxies": ["127.0.0.1/32"]}]
+    )
+    async def test_per_ip_behind_a_trusted_proxy_is_429_per_forwarded_address(
+        self, gateway: Gateway, ws_url: str, clients: list[StompClient]
+    ) -> None:
+        def forwarded(address: str) -> dict[str, object]:
+            return {"additional_headers": {"X-Forwarded-For": f"10.9.9.9, {address}"}}
+
+        clients.append(await open_ws(ws_url, **forwarded("203.0.113.7")))
+        clients.append(await open_ws(ws_url, **forwarded("198.51.100.9")))
+        await wait_for(lambda: addresses(gateway) == {"203.0.113.7", "198.51.100.9"})
+        before = sample('stomp_gateway_connections_refused_total{reason="max_connections_per_ip"}')
+        with pytest.raises(InvalidStatus) as refused:
+            await open_ws(ws_url, **forwarded("203.0.113.7"))
+        assert refused.value.response.status_code == 429
+        assert refused.value.response.headers["Retry-After"] == "5"
+        assert sample('stomp_gateway_connections_refused_total{reason="max_connections_per_ip"}') == before + 1
+
+    @pytest.mark.parametrize("gateway_overrides", [{"max_connections_per_ip": 1, "trusted_proxies": ["10.0.0.0/8"]}])
+    async def test_x_forwarded_for_from_an_untrusted_peer_is_ignored(
+        self, gateway: Gateway, ws_url: str, clients: list[StompClient]
+    ) -> None:
+        clients.append(await open_ws(ws_url, additional_headers={"X-Forwarded-For": "203.0.113.7"}))
+        await wait_for(lambda: addresses(gateway) == {"127.0.0.1"})
+        with pytest.raises(InvalidStatus):  # a made-up header does not buy a second slot
+            await open_ws(ws_url, additional_headers={"X-Forwarded-For": "198.51.100.9"})

@@ -289,3 +289,49 @@ class TestFrameRate:
         # 50 in the first second's bucket (the CONNECT took one), the other 50 at 50 a second
         assert 0.9 <= elapsed < 3, elapsed
         assert sample("stomp_gateway_frame_rate_pauses_total") > before
+
+
+class TestTokenSources:
+    """First found wins: CONNECT passcode, access_token query parameter, Authorization: Bearer, the cookie."""
+
+    @pytest.fixture
+    def gateway_overrides(self, keys: Keys) -> dict[str, object]:
+        return {"jwt_secret_file": keys.secret_file, "jwt_cookie": "session_jwt"}
+
+    async def test_query_parameter(self, ws_url: str, clients: list[StompClient], keys: Keys) -> None:
+        c = await open_ws(f"{ws_url}?access_token={keys.sign(sub='q')}")
+        clients.append(c)
+        await c.connect()  # no passcode: the upgrade's token
+
+    async def test_bearer_header(self, ws_url: str, clients: list[StompClient], keys: Keys) -> None:
+        c = await open_ws(ws_url, additional_headers={"Authorization": f"Bearer {keys.sign(sub='b')}"})
+        clients.append(c)
+        await c.connect()
+
+    async def test_cookie(self, ws_url: str, clients: list[StompClient], keys: Keys) -> None:
+        c = await open_ws(ws_url, additional_headers={"Cookie": f"theme=dark; session_jwt={keys.sign(sub='c')}"})
+        clients.append(c)
+        await c.connect()
+
+    async def test_passcode_wins_then_query_then_bearer_then_cookie(
+        self, gateway: Gateway, ws_url: str, clients: list[StompClient], keys: Keys
+    ) -> None:
+        expired = keys.sign(ttl=-30)
+        # the first found is the one used, even when a later one would do
+        c = await open_ws(
+            f"{ws_url}?access_token={expired}",
+            additional_headers={"Authorization": f"Bearer {keys.sign(sub='b')}"},
+        )
+        clients.append(c)
+        await c.send(frame("CONNECT", accept_version="1.2", host="/"))
+        assert "expired" in (await c.receive_command("ERROR")).body.decode()
+        c = await open_ws(f"{ws_url}?access_token={expired}")
+        clients.append(c)
+        await c.connect(passcode=keys.sign(sub="p"))  # the passcode comes first
+        c = await open_ws(
+            ws_url,
+            additional_headers={"Authorization": f"Bearer {keys.sign(sub='b')}", "Cookie": f"session_jwt={expired}"},
+        )
+        clients.append(c)
+        await c.connect()
+        assert {connection.session.login for connection in gateway.connections} >= {"p", "b"}
