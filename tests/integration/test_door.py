@@ -133,3 +133,29 @@ class TestWebSocket:
         await wait_for(lambda: addresses(gateway) == {"127.0.0.1"})
         with pytest.raises(InvalidStatus):  # a made-up header does not buy a second slot
             await open_ws(ws_url, additional_headers={"X-Forwarded-For": "198.51.100.9"})
+
+    @pytest.mark.parametrize("gateway_overrides", [{"max_connections_per_ip": 1, "trusted_proxies": ["127.0.0.1/32"]}])
+    async def test_proxy_protocol_before_the_upgrade(self, gateway: Gateway) -> None:
+        upgrade = (
+            b"GET /ws HTTP/1.1\r\nHost: gw\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+        v2 = PROXY_V2 + bytes((0x21, 0x11)) + struct.pack(">H", 12) + bytes([198, 51, 100, 9, 10, 0, 0, 1])
+        v2 += struct.pack(">HH", 4000, 443)
+        writers = []
+        for header, status in (
+            (b"PROXY TCP4 203.0.113.7 10.0.0.1 51000 443\r\n", b"101"),
+            (v2, b"101"),
+            (b"PROXY TCP4 203.0.113.7 10.0.0.1 51001 443\r\n", b"429"),  # the same client again
+        ):
+            reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+            writers.append(writer)
+            for byte in range(0, len(header), 7):  # the header may come in pieces
+                writer.write(header[byte : byte + 7])
+                await writer.drain()
+            writer.write(upgrade)
+            response = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            assert response.split(b" ")[1] == status, response
+        await wait_for(lambda: addresses(gateway) == {"203.0.113.7", "198.51.100.9"})
+        for writer in writers:
+            writer.close()
