@@ -94,9 +94,5 @@ def configure(level: str, fmt: str) -> None:
     root.addHandler(handler)
     root.setLevel(getattr(logging, level.upper(), logging.INFO))
     debug = level.upper() == "DEBUG"
-    # The gateway reports broker trouble itself, once and in its own words (with RabbitMQ's reason); the
-    # AMQP libraries' lines are for debugging. websockets logs every HTTP request it answers (health
-    # probes, scrapes) and its own start and stop at INFO.
-    for name in ("aiormq", "aio_pika"):
-        logging.getLogger(name).setLevel(logging.DEBUG if debug else logging.CRITICAL)
+    # websockets logs protocol details at INFO and below: for debugging only.
     logging.getLogger("websockets").setLevel(logging.DEBUG if debug else logging.WARNING)

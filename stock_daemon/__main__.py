@@ -27,7 +27,7 @@ import contextlib
 import logging
 import signal
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
@@ -91,24 +91,6 @@ def redact_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
-@contextlib.contextmanager
-def _quiet_client_libraries() -> Iterator[None]:
-    """Silence the AMQP libraries' own error logs while connecting, so that a broker that cannot be
-    reached gives the one line :func:`_run` prints (unless DEBUG logging asks for everything)."""
-    loggers = [logging.getLogger(name) for name in ("aiormq", "aio_pika")]
-    if logging.getLogger().isEnabledFor(logging.DEBUG):
-        yield
-        return
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        for logger, level in zip(loggers, levels, strict=True):
-            logger.setLevel(level)
-
-
 def _describe(exc: BaseException, url: str) -> str:
     """One line saying why RabbitMQ at ``url`` could not be used."""
     if isinstance(exc, BrokerUnavailable):
@@ -119,7 +101,7 @@ def _describe(exc: BaseException, url: str) -> str:
 
 
 async def _run(url: str, config: DaemonConfig) -> int:
-    # Imported here so the rest of the package (and its unit tests) does not need aio-pika.
+    # Imported here so the rest of the package (and its unit tests) does not load the AMQP client.
     from gateway.broker.amqp import AmqpBroker, credentials_from_url
 
     stop = asyncio.Event()
@@ -131,10 +113,9 @@ async def _run(url: str, config: DaemonConfig) -> int:
     broker = AmqpBroker(url)
     try:
         try:
-            with _quiet_client_libraries():
-                await broker.start()
-                login, passcode, vhost = credentials_from_url(url)
-                principal = await broker.authenticate(login, passcode, vhost)
+            await broker.start()
+            login, passcode, vhost = credentials_from_url(url)
+            principal = await broker.authenticate(login, passcode, vhost)
         except (BrokerError, OSError) as exc:
             print(f"{PROG}: {_describe(exc, url)}", file=sys.stderr)
             return 1

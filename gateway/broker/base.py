@@ -1,6 +1,6 @@
 """The broker interface that sessions, destinations and fan-out see.
 
-Two implementations stand behind it: :mod:`gateway.broker.amqp` (RabbitMQ over aio-pika) and
+Two implementations stand behind it: :mod:`gateway.broker.amqp` (RabbitMQ, over the gateway's own AMQP connection) and
 :mod:`gateway.broker.memory` (the embedded broker). Nothing above this module knows which one it talks to.
 
 The model is AMQP 0-9-1's: exchanges, queues, bindings, consumers with a prefetch, acknowledgements by

@@ -1,62 +1,124 @@
-"""The contract between gateway/broker/amqp.py and the aiormq/aio-pika members outside their documented API.
+"""The contract between the gateway's AMQP connection (gateway/broker/amqp_connection.py) and what it is built
+on: pamqp's public frame codec, and RabbitMQ.
 
-Every such member the adapter uses is named here and checked on a real connection to RabbitMQ, so that a
-release that renames or drops one fails this test by name instead of failing the gateway at run time.
+The connection reaches into no package's private members and changes nothing in any module. What it relies
+on is named here, so that a pamqp release that changes it fails this test by name rather than the gateway at
+run time:
+
+* ``pamqp.frame.marshal(frame, channel) -> bytes`` and ``pamqp.frame.unmarshal(bytes) -> (size, channel,
+  frame)`` for method, content header, content body and heartbeat frames; ``ProtocolHeader().marshal()``.
+* pamqp's command classes check names in ``validate()`` (called by ``__init__`` and ``marshal()``), and
+  marshal the attributes their class lists; the gateway's subclasses override ``validate()`` only.
 """
 
 from __future__ import annotations
 
 import asyncio
-import inspect
+from typing import Any
 
-import aio_pika
-import aiormq
-import aiormq.connection
+import pamqp.frame
 import pytest
-from aiormq.abc import ChannelFrame
+from pamqp import commands as spec
+from pamqp.body import ContentBody
+from pamqp.header import ContentHeader, ProtocolHeader
+from pamqp.heartbeat import Heartbeat
 
+from gateway.broker import amqp  # noqa: F401 - imported for the check that importing it changes nothing
+from gateway.broker.amqp_connection import (
+    AmqpConnection,
+    BasicConsume,
+    BasicPublish,
+    ConnectionParameters,
+    ExchangeDeclare,
+    QueueBind,
+    QueueDeclare,
+    QueueDelete,
+    QueueUnbind,
+)
 from tests.conftest import AMQP_URL, rabbitmq_running
 
-pytestmark = pytest.mark.skipif(not rabbitmq_running(), reason="RabbitMQ is not running on 127.0.0.1:5672")
+UTF8 = "ünïcødé a!b(c)~d$e"
+
+#: the gateway's command, pamqp's, and arguments naming a queue and/or an exchange
+COMMANDS: list[tuple[type[Any], type[Any], dict[str, Any]]] = [
+    (QueueDeclare, spec.Queue.Declare, {"queue": "q", "durable": True, "arguments": {"x-max-length": 5}}),
+    (QueueBind, spec.Queue.Bind, {"queue": "q", "exchange": "x", "routing_key": "k"}),
+    (QueueUnbind, spec.Queue.Unbind, {"queue": "q", "exchange": "x", "routing_key": "k"}),
+    (QueueDelete, spec.Queue.Delete, {"queue": "q"}),
+    (ExchangeDeclare, spec.Exchange.Declare, {"exchange": "x", "exchange_type": "topic", "passive": True}),
+    (BasicConsume, spec.Basic.Consume, {"queue": "q", "consumer_tag": "t", "no_ack": True}),
+    (BasicPublish, spec.Basic.Publish, {"exchange": "x", "routing_key": "k"}),
+]
 
 
-async def test_the_frame_receiver_the_adapter_replaces() -> None:
-    receiver = aiormq.connection.FrameReceiver
-    # _BufferedFrameReceiver subclasses it: constructed with the stream reader, read by get_frame() and
-    # async iteration; it uses the reader and the started flag of the base class.
-    assert list(inspect.signature(receiver.__init__).parameters) == ["self", "reader"]
-    assert inspect.iscoroutinefunction(receiver.get_frame)
-    instance = receiver(asyncio.StreamReader())
-    assert hasattr(instance, "reader") and instance.started is False
+def test_importing_the_gateway_leaves_pamqps_name_check_as_it_was() -> None:
+    with pytest.raises(ValueError, match="Invalid value for queue"):
+        spec.Queue.Declare(queue=UTF8)
+    with pytest.raises(ValueError, match="Invalid value for exchange"):
+        spec.Basic.Publish(exchange=UTF8)
 
 
-def test_channel_frames_as_the_writer_reads_them() -> None:
-    # _GatedFrame stands in for a ChannelFrame: the writer reads payload, should_close, should_drain, drain().
-    frame = ChannelFrame.marshall(channel_number=1, frames=[])
-    for member in ("payload", "should_close", "should_drain", "drain"):
-        assert hasattr(frame, member), member
+@pytest.mark.parametrize(("ours", "theirs", "arguments"), COMMANDS, ids=[c[1].name for c in COMMANDS])
+class TestCommandSubclasses:
+    def test_a_grammar_name_marshals_to_pamqps_own_bytes(self, ours: type, theirs: type, arguments: dict[str, Any]) -> None:
+        assert pamqp.frame.marshal(ours(**arguments), 3) == pamqp.frame.marshal(theirs(**arguments), 3)
+
+    def test_any_utf8_name_round_trips(self, ours: type, theirs: type, arguments: dict[str, Any]) -> None:
+        names = {key: UTF8 for key in ("queue", "exchange") if key in arguments}
+        data = pamqp.frame.marshal(ours(**{**arguments, **names}), 3)
+        size, channel, frame = pamqp.frame.unmarshal(data)
+        assert (size, channel, type(frame)) == (len(data), 3, theirs)
+        assert {key: getattr(frame, key) for key in names} == names
+
+    def test_pamqps_length_limits_still_hold(self, ours: type, theirs: type, arguments: dict[str, Any]) -> None:
+        for key, limit in (("queue", 256), ("exchange", 127)):
+            if key in arguments:
+                with pytest.raises(ValueError, match=f"Max length exceeded for {key}"):
+                    ours(**{**arguments, key: "n" * (limit + 1)})
 
 
-async def test_connection_and_channel_members_on_a_real_connection() -> None:
-    connection = await aio_pika.connect(AMQP_URL)
+def test_the_frame_codec_the_connection_reads_and_writes() -> None:
+    assert ProtocolHeader().marshal() == b"AMQP\x00\x00\x09\x01"
+    assert pamqp.frame.marshal(Heartbeat(), 0) == b"\x08\x00\x00\x00\x00\x00\x00\xce"
+    for frame in (
+        spec.Basic.Deliver(consumer_tag="t", delivery_tag=1, exchange="x", routing_key="k"),
+        ContentHeader(body_size=3, properties=spec.Basic.Properties(content_type="text/plain", headers={"h": "v"})),
+        ContentBody(b"abc"),
+        Heartbeat(),
+    ):
+        data = pamqp.frame.marshal(frame, 5 if not isinstance(frame, Heartbeat) else 0)
+        assert int.from_bytes(data[3:7], "big") == len(data) - 8 and data[-1] == 0xCE  # the framing it parses
+        size, _, back = pamqp.frame.unmarshal(data)
+        assert size == len(data) and type(back) is type(frame)
+    assert pamqp.frame.unmarshal(pamqp.frame.marshal(ContentBody(b"abc"), 5))[2].value == b"abc"
+
+
+@pytest.mark.skipif(not rabbitmq_running(), reason="RabbitMQ is not running on 127.0.0.1:5672")
+async def test_a_round_trip_through_rabbitmq() -> None:
+    connection = await AmqpConnection.connect(ConnectionParameters.from_url(AMQP_URL, heartbeat=15), timeout=10)
     try:
-        underlay = connection.transport.connection  # type: ignore[union-attr]  # aio-pika's aiormq connection
-        assert isinstance(underlay, aiormq.Connection)
-        assert underlay.connection_tune.frame_max > 0 and underlay.connection_tune.channel_max > 0
-        assert isinstance(underlay.channels, dict)
-        channel = await underlay.channel(channel_number=7, publisher_confirms=False)
-        assert channel.number == 7 and underlay.channels[7] is channel
-        # Replaced per channel by _ChannelWrites: aiormq writes every frame of the channel through it.
-        assert isinstance(channel.write_queue, asyncio.Queue)  # type: ignore[attr-defined]
-        assert channel.write_queue is underlay.write_queue  # type: ignore[attr-defined]
-        # The publish path: body split by frame_max, confirmations keyed by delivery tag after confirm.select.
-        assert [part.value for part in channel._split_body(b"abc")] == [b"abc"]  # type: ignore[attr-defined]
-        assert channel.delivery_tag == 0  # type: ignore[attr-defined]
-        assert isinstance(channel.confirmations, dict)  # type: ignore[attr-defined]
-        assert channel.publisher_confirms is False  # type: ignore[attr-defined]
-        assert inspect.iscoroutinefunction(inspect.unwrap(channel.rpc))
-        assert isinstance(channel.closing, asyncio.Future)
-        await channel.close()
-        assert 7 not in underlay.channels  # the number is free once the broker's close-ok arrived
+        assert connection.frame_max > 0 and connection.channel_max > 0
+        number = connection.gate.take(connection.channels)
+        assert number == 1
+        channel = await connection.open_channel(number)
+        assert connection.channels[number] is channel
+        ok = await channel.rpc(QueueDeclare(queue=f"contract-{UTF8}", exclusive=True, auto_delete=True))
+        assert ok.queue == f"contract-{UTF8}"
+        got: asyncio.Future[tuple[bytes, str | None]] = asyncio.get_running_loop().create_future()
+        channel.add_consumer("c", lambda deliver, header, body: got.set_result((body, header.properties.content_type)))
+        await channel.rpc(BasicConsume(queue=ok.queue, consumer_tag="c", no_ack=True))
+        await channel.select_confirms()
+        header = ContentHeader(body_size=2, properties=spec.Basic.Properties(content_type="text/plain"))
+        confirmed = channel.publish(
+            pamqp.frame.marshal(BasicPublish(exchange="", routing_key=ok.queue), number)
+            + pamqp.frame.marshal(header, number)
+            + pamqp.frame.marshal(ContentBody(b"hi"), number)
+        )
+        assert confirmed is not None and await asyncio.wait_for(confirmed, 5) is True
+        assert await asyncio.wait_for(got, 5) == (b"hi", "text/plain")
+        await asyncio.wait_for(channel.close(), 5)
+        assert channel.closed and number not in connection.channels
+        assert connection.gate.take(connection.channels) == 2  # round-robin, never the number just closed
     finally:
-        await connection.close()
+        await asyncio.wait_for(connection.close(), 5)
+    assert not connection.is_open

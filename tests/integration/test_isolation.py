@@ -237,7 +237,7 @@ class TestWhenRabbitMQClosesASharedConnectionAnyway:
     async def test_the_reason_is_logged_and_told_to_the_sessions_without_internals(
         self, gateway: Gateway, ws_url: str, unique: str, clients: list[StompClient], caplog: pytest.LogCaptureFixture
     ) -> None:
-        from aiormq.abc import ChannelFrame
+        import pamqp.frame
         from pamqp import commands as spec
 
         from gateway.broker.amqp import AmqpBroker
@@ -251,7 +251,7 @@ class TestWhenRabbitMQClosesASharedConnectionAnyway:
         assert isinstance(gateway.broker, AmqpBroker)
         (pooled,) = [p for pool in gateway.broker._pools.values() for p in pool if p.channels]
         # Something only a bug could send: a frame on a channel that was never opened (504 CHANNEL_ERROR).
-        pooled.underlay.write_queue.put_nowait(ChannelFrame.marshall(channel_number=2000, frames=[spec.Basic.Ack(1)]))
+        pooled.connection.write(pamqp.frame.marshal(spec.Basic.Ack(1), 2000))
         error = await session.receive_command("ERROR", timeout=10)
         assert error.get("message") == "connection_forced"
         assert b"RabbitMQ closed the gateway's connection: 504 CHANNEL_ERROR" in error.body

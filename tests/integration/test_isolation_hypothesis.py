@@ -13,12 +13,12 @@ import subprocess
 import uuid
 from collections.abc import AsyncIterator
 
-import aio_pika
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway.broker.base import Channel
+from gateway.broker.amqp import AmqpBroker, credentials_from_url
+from gateway.broker.base import BrokerError, Channel
 from gateway.server import Gateway
 from gateway.stomp.frames import Frame
 from tests.conftest import AMQP_URL
@@ -103,16 +103,19 @@ async def _delete_generated_queues() -> None:
         check=False,
     )
     names = [row["name"] for row in json.loads(listing.stdout or "[]") if row["name"].startswith(PREFIX)]
-    connection = await aio_pika.connect(AMQP_URL)
+    # The gateway's own AMQP client: the names are any UTF-8, which aio-pika (pamqp's grammar) refuses.
+    broker = AmqpBroker(AMQP_URL)
+    await broker.start()
     try:
-        channel = await connection.channel()
+        principal = await broker.authenticate(*credentials_from_url(AMQP_URL))
+        channel = await broker.open_channel(principal)
         for name in names:
             try:
-                await channel.queue_delete(name)
-            except aio_pika.exceptions.AMQPError:
-                channel = await connection.channel()
+                await channel.delete_queue(name)
+            except BrokerError:
+                channel = await broker.open_channel(principal)
     finally:
-        await connection.close()
+        await broker.close()
 
 
 @pytest.mark.rabbitmq_only("the shared AMQP connection is RabbitMQ's")

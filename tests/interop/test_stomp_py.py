@@ -410,7 +410,7 @@ async def test_connection11(port: int, unique: str) -> None:
 
 
 # RabbitMQ takes any UTF-8 queue or exchange name up to 255 bytes (so does its STOMP plugin, and so does the
-# embedded broker). pamqp, under aiormq, checks names on the client side against the AMQP grammar
+# embedded broker). pamqp's commands, as most AMQP clients send them, check names on the client side against the AMQP grammar
 # ^[a-zA-Z0-9-_.:@#,/+ ]*$ and raises ValueError before anything reaches RabbitMQ.
 
 
