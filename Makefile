@@ -1,4 +1,5 @@
 # make run   – the ticker at http://127.0.0.1:$(PORT)/ with the embedded broker (no RabbitMQ needed)
+# make run-tokens – the same, with tokens: anonymous visitors read the ticks, a token is needed for the rest
 # make test  – installs what the tests need (Python and Node packages, RabbitMQ, Chromium) and runs them all
 PORT ?= 8181
 PYTHON ?= python3
@@ -8,7 +9,7 @@ PY := $(VENV)/bin/python
 RUN_STAMP := $(VENV)/.installed-run
 STAMP := $(VENV)/.installed
 
-.PHONY: install install-run run run-rabbitmq test test-unit lint up bench bench-smoke services clean
+.PHONY: install install-run run run-rabbitmq run-tokens test test-unit lint up bench bench-smoke services clean
 
 $(RUN_STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -39,6 +40,15 @@ run: $(RUN_STAMP)
 run-rabbitmq: $(RUN_STAMP)
 	@echo "Open http://127.0.0.1:$(PORT)/  (RabbitMQ from AMQP_URL, or the local one; Ctrl-C stops)"
 	PORT=$(PORT) $(PY) -m gateway --broker rabbitmq --with-stock-daemon $(CONTINUITY)
+
+# The ticker under tokens (README "Tokens and permissions"): a secret made once in .jwt-secret (never printed),
+# anonymous read on the ticks, anything else (the snapshot) with a token minted from that secret.
+ANONYMOUS_SCOPE ?= rabbitmq.read:%2F/stocks/*
+run-tokens: $(RUN_STAMP)
+	@test -s .jwt-secret || (umask 077 && $(PY) -c "import secrets; print(secrets.token_urlsafe(32))" > .jwt-secret)
+	@echo "Open http://127.0.0.1:$(PORT)/  (anonymous: ticks only); a token: see README 'Tokens and permissions'"
+	PORT=$(PORT) $(PY) -m gateway --broker memory --with-stock-daemon --jwt-secret-file .jwt-secret \
+		--anonymous-scope '$(ANONYMOUS_SCOPE)'
 
 services:
 	bash scripts/ensure-services.sh

@@ -306,6 +306,14 @@ def _check(config: Config, env: Mapping[str, str]) -> None:
         raise ConfigError("--heartbeat-min must not exceed --heartbeat-max")
     if config.max_frame_size_unauthenticated > config.max_frame_size:
         raise ConfigError("--max-frame-size-unauthenticated must not exceed --max-frame-size")
+    if config.jwt_cookie and not (config.jwt_secret_file or config.jwt_key_file):
+        raise ConfigError("--jwt-cookie needs --jwt-secret-file or --jwt-key-file (keys to verify the token with)")
+    from gateway.auth import load_policy
+
+    try:
+        load_policy(config)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     if config.with_stock_daemon:
         from stock_daemon.daemon import DaemonConfig
 

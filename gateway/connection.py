@@ -13,6 +13,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +22,7 @@ from gateway import metrics
 from gateway.broker.base import Broker, BrokerError, Channel, ChannelClosed, Delivery
 from gateway.continuity import Conflator, HandOver
 from gateway.fanout import FanoutRegistry, Sink
+from gateway.limits import TokenBucket
 from gateway.metrics import TALLY
 from gateway.settings import DEFAULTS
 from gateway.stomp.frames import Frame, Limits, ProtocolError
@@ -32,6 +34,7 @@ from gateway.stomp.session import (
     Close,
     Connected,
     Disconnect,
+    ExpireAt,
     Publish,
     SendFrame,
     Session,
@@ -42,7 +45,7 @@ from gateway.stomp.session import (
 )
 from gateway.stomp.writer import MessageTemplate, is_text, serialize
 
-__all__ = ["Backlog", "ConnectionSettings", "StompConnection", "Transport"]
+__all__ = ["Backlog", "ConnectionSettings", "Handshake", "StompConnection", "Transport"]
 
 #: Frames parsed and handled from one read before the reader lets other connections run.
 YIELD_EVERY = 32
@@ -127,6 +130,24 @@ class Backlog:
         return self.written - ends[0] if ends else 0
 
 
+@dataclass(frozen=True, slots=True)
+class Handshake:
+    """What the transport learnt of the client before the first STOMP byte: its ``address`` (the one a
+    trusted proxy named, else the socket's peer) and ``port``, and the ``token`` its upgrade request carried
+    (``access_token`` query parameter, ``Authorization: Bearer`` or the ``--jwt-cookie`` cookie)."""
+
+    address: str = "?"
+    port: int | None = None
+    token: str | None = None
+
+    @property
+    def peer(self) -> str:
+        """``address:port`` as logs show it."""
+        if self.port is None:
+            return self.address
+        return f"[{self.address}]:{self.port}" if ":" in self.address else f"{self.address}:{self.port}"
+
+
 @dataclass(kw_only=True, slots=True)
 class ConnectionSettings:
     """Limits and timers of the connection layer: the parser's :class:`Limits`, the session's
@@ -142,7 +163,11 @@ class ConnectionSettings:
     login_timeout: float = DEFAULTS.login_timeout
     max_outbound_buffer: int = DEFAULTS.max_outbound_buffer
     max_conflate_interval: float = DEFAULTS.max_conflate_interval
+    max_frames_per_second: float | None = DEFAULTS.max_frames_per_second
     close_timeout: float = 5.0
+    #: the broker login of sessions under a token policy (the gateway's own: from --amqp-url, or the
+    #: default login for the embedded broker); no setting of its own
+    gateway_credentials: tuple[str, str] = (DEFAULTS.default_login, DEFAULTS.default_passcode)
 
 
 class StompConnection:
@@ -163,13 +188,15 @@ class StompConnection:
         settings: ConnectionSettings,
         *,
         peer: str = "?",
+        handshake: Handshake | None = None,
     ) -> None:
         self.transport = transport
         self.broker = broker
         self.registry = registry
         self.settings = settings
-        self.peer = peer
-        self.session = Session(settings.session, limits=settings.limits)
+        self.handshake = handshake or Handshake(peer)
+        self.peer = self.handshake.peer if handshake is not None else peer
+        self.session = Session(settings.session, limits=settings.limits, token=self.handshake.token)
         self.loop = asyncio.get_running_loop()
         self.last_received = self.last_sent = self.loop.time()
         self.closed = asyncio.Event()
@@ -199,7 +226,10 @@ class StompConnection:
         self._own_channel_lock = asyncio.Lock()
         self._pending: set[asyncio.Future[None]] = set()
         self._background: set[asyncio.Future[Any]] = set()
-        self._login_task = asyncio.create_task(self._login_timer(), name=f"stomp-login-{peer}")
+        self._expiry: asyncio.TimerHandle | None = None
+        rate = settings.max_frames_per_second
+        self._bucket = TokenBucket(rate, max(rate, 1.0)) if rate else None
+        self._login_task = asyncio.create_task(self._login_timer(), name=f"stomp-login-{self.peer}")
         self._tasks = [self._login_task]
 
     # -- input ------------------------------------------------------------------------------------------
@@ -237,6 +267,10 @@ class StompConnection:
                     if self._closing:
                         return
                 handled += 1
+                if self._bucket is not None:
+                    await self._pace()
+                    if self._closing:
+                        return
                 self.frames_in += 1
                 TALLY.frames_received[frame.command] += 1
                 if self.debug:
@@ -253,6 +287,14 @@ class StompConnection:
         """Something arrived from the client below STOMP (a WebSocket pong, any read): it is alive, whatever
         its STOMP heart-beats (a background tab's timers may be throttled to once a minute)."""
         self.last_received = self.loop.time()
+    async def _pace(self) -> None:
+        """Wait for the frame rate limit: the transport reads nothing more meanwhile (nothing is dropped)."""
+        assert self._bucket is not None
+        delay = self._bucket.take(self.loop.time())
+        if delay > 0:
+            metrics.FRAME_RATE_PAUSES.inc()
+            metrics.FRAME_RATE_PAUSED.inc(delay)
+            await asyncio.sleep(delay)
 
     async def connection_lost(self) -> None:
         """The client went away (or we closed): release everything."""
@@ -289,6 +331,8 @@ class StompConnection:
                 await self._authenticate(action)
             elif isinstance(action, Connected):
                 self._connected(action)
+            elif isinstance(action, ExpireAt):
+                self._arm_expiry(action.deadline)
             elif isinstance(action, Barrier):
                 self._spawn(self._barrier(action.receipt, list(self._pending)))
             elif isinstance(action, Disconnect):
@@ -350,6 +394,21 @@ class StompConnection:
         if not self._closing:
             await self._run(self.session.login_timed_out(self.settings.login_timeout))
 
+    def _arm_expiry(self, deadline: float) -> None:
+        """Tell the session when its token's deadline (wall-clock seconds) comes; a later deadline replaces it."""
+        if self._expiry is not None:
+            self._expiry.cancel()
+            metrics.TOKEN_REFRESHES.inc()  # the first deadline comes with CONNECTED, later ones with refreshes
+        self._expiry = self.loop.call_later(max(0.0, deadline - time.time()), self._token_expired)
+
+    def _token_expired(self) -> None:
+        if self._closing:
+            return
+        actions = self.session.token_expired(time.time())
+        if any(isinstance(action, Close) for action in actions):
+            metrics.TOKENS_EXPIRED.inc()
+        self._spawn(self._run(actions))
+
     async def _heartbeats(self, send_every: int, expect_every: int) -> None:
         intervals = [i for i in (send_every, expect_every) if i]
         tick = min(intervals) / 2000
@@ -366,8 +425,11 @@ class StompConnection:
     # -- CONNECT ----------------------------------------------------------------------------------------
 
     async def _authenticate(self, action: Authenticate) -> None:
+        login, passcode = action.login, action.passcode
+        if action.as_gateway:
+            login, passcode = self.settings.gateway_credentials
         try:
-            self._principal = await self.broker.authenticate(action.login, action.passcode, action.vhost)
+            self._principal = await self.broker.authenticate(login, passcode, action.vhost)
         except BrokerError as error:
             metrics.LOGIN_FAILURES.inc()
             await self._fail(error)
@@ -775,6 +837,8 @@ class StompConnection:
         self.closed.set()
         self._session_gauge.dec()
         self._log_end()
+        if self._expiry is not None:
+            self._expiry.cancel()
         current = asyncio.current_task()
         for task in self._tasks:
             if task is not current:

@@ -60,6 +60,16 @@ BYTES_RECEIVED = _counter("received_bytes", "Bytes of STOMP received from client
 BYTES_SENT = _counter("sent_bytes", "Bytes written to clients (framing included)")
 ERRORS_SENT = _counter("error_frames_sent", "ERROR frames sent to clients, by their message header", ("reason",))
 SLOW_CLIENTS = _counter("slow_client_disconnects", "Clients disconnected for falling behind")
+CONNECTIONS_REFUSED = _counter(
+    "connections_refused",
+    "Connections refused at the door, by limit (max_connections, max_connections_per_ip)",
+    ("reason",),
+)
+FRAME_RATE_PAUSES = _counter("frame_rate_pauses", "Times a session's reading paused for --max-frames-per-second")
+FRAME_RATE_PAUSED = _counter("frame_rate_paused_seconds", "Seconds sessions' reading paused for --max-frames-per-second")
+LIMITS = _gauge("limit", "The limits set at the door (absent: no limit)", ("name",), mode="max")
+TOKEN_REFRESHES = _counter("token_refreshes", "Tokens replaced in-band (SEND to /gateway/token)")
+TOKENS_EXPIRED = _counter("tokens_expired", "Sessions ended because their token expired")
 AMQP_CONNECTIONS = _gauge("amqp_connections", "Pooled AMQP connections open to RabbitMQ")
 AMQP_CHANNELS = _gauge("amqp_channels", "AMQP channels open (sessions' own and shared fan-out)")
 BROKER_RECONNECTS = _counter("broker_reconnects", "Times the connection to the broker was restored")

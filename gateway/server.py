@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from gateway import metrics
+from gateway.auth import load_policy, token_from_request
 from gateway.broker.base import Broker
 from gateway.config import Config, ConfigError
-from gateway.connection import ConnectionSettings, StompConnection
+from gateway.connection import ConnectionSettings, Handshake, StompConnection
 from gateway.destinations import format_destination
 from gateway.fanout import ContinuitySettings, FanoutRegistry
+from gateway.limits import Admission, Refusal
+from gateway.proxy import TrustedProxies
 from gateway.settings import derive
 from gateway.transport.http import DEFAULT_WEB_ROOT, HttpResponder
 from stock_daemon.daemon import DaemonConfig
@@ -45,6 +50,17 @@ def _ticker_settings() -> DaemonConfig | None:
         return None
 
 
+def _gateway_credentials(config: Config) -> tuple[str, str]:
+    """The broker login of token and anonymous sessions: the user of ``--amqp-url``, or the default login
+    of the embedded broker."""
+    if config.broker == "rabbitmq" and config.amqp_url:
+        from gateway.broker.amqp import credentials_from_url
+
+        login, passcode, _ = credentials_from_url(config.amqp_url)
+        return login, passcode
+    return config.default_login, config.default_passcode
+
+
 class ListenError(Exception):
     """A listener could not open its port; the message names that listener, its port and why."""
 
@@ -60,6 +76,15 @@ class Gateway:
         self.broker = broker or make_broker(config)
         self.registry = FanoutRegistry(self.broker, config.topic_exchange, derive(ContinuitySettings, config))
         self.connection_settings = derive(ConnectionSettings, config)
+        self.tokens = load_policy(config)
+        self.connection_settings.session = dataclasses.replace(self.connection_settings.session, tokens=self.tokens)
+        self.connection_settings.gateway_credentials = _gateway_credentials(config)
+        self.admission = Admission(config.max_connections, config.max_connections_per_ip)
+        self.trusted_proxies = TrustedProxies(config.trusted_proxies)
+        for name in ("max_connections", "max_connections_per_ip", "max_frames_per_second"):
+            value = getattr(config, name)
+            if value is not None:
+                metrics.LIMITS.labels(name).set(value)
         self.ticker = _ticker_settings()
         self.connections: set[StompConnection] = set()
         self._metrics_task: asyncio.Task[None] | None = None
@@ -70,7 +95,44 @@ class Gateway:
         self.port: int | None = None
         self.tcp_port: int | None = None
 
+    # -- the door: who is connecting, and may they ------------------------------------------------------
+
+    def handshake(
+        self,
+        peer: Any,
+        *,
+        proxied: tuple[str, int] | None = None,
+        query: str = "",
+        headers: Callable[[str], list[str]] | None = None,
+    ) -> Handshake:
+        """What a transport learnt of a new client: ``peer`` is the socket's peername; ``proxied`` the
+        address a PROXY protocol header named (the transport reads one only from a trusted proxy);
+        ``query`` the upgrade request's query string and ``headers(name)`` its header values. The client
+        address is the PROXY header's, else ``X-Forwarded-For``'s from a trusted proxy, else the peer's."""
+        address, port = (str(peer[0]), int(peer[1])) if peer else ("?", None)
+        get = headers or (lambda name: [])
+        if proxied is not None:
+            address, port = proxied
+        elif self.trusted_proxies and self.trusted_proxies.trusts(address):
+            client = self.trusted_proxies.client_address(address, get("X-Forwarded-For"))
+            if client != address:
+                address, port = client, None
+        token = None
+        if headers is not None:
+            token = token_from_request(query, get("Authorization"), get("Cookie"), self.config.jwt_cookie)
+        return Handshake(address, port, token)
+
+    def refusal(self, address: str) -> Refusal | None:
+        """Why one more connection from ``address`` must not be taken now (answer it and close), or None.
+        It is counted once :meth:`connection_opened` runs, released at :meth:`connection_closed`."""
+        refusal = self.admission.refuse(address)
+        if refusal is not None:
+            metrics.CONNECTIONS_REFUSED.labels(refusal.reason).inc()
+            logger.info("refused a connection from %s: %s", address, refusal.text.strip())
+        return refusal
+
     def connection_opened(self, connection: StompConnection) -> None:
+        self.admission.opened(connection.handshake.address)
         self.connections.add(connection)
         kind = connection.transport.kind
         metrics.CONNECTIONS.labels(kind).inc()
@@ -78,6 +140,7 @@ class Gateway:
 
     def connection_closed(self, connection: StompConnection) -> None:
         if connection in self.connections:
+            self.admission.closed(connection.handshake.address)
             self.connections.discard(connection)
             metrics.CONNECTIONS.labels(connection.transport.kind).dec()
 
@@ -135,6 +198,9 @@ class Gateway:
         destination of its ticks, and the ``snapshot_destination`` to which snapshot requests go.
         """
         info: dict[str, object] = {"broker": "RabbitMQ" if self.broker.kind == "rabbitmq" else "the embedded broker"}
+        if self.tokens is not None:
+            # The page asks for the snapshot (a SEND) only when it has a token or anonymous sessions may send.
+            info["tokens"] = {"anonymous_scopes": list(self.tokens.anonymous_scopes)}
         if self.ticker is not None:
             info["ticker"] = {
                 "symbols": list(self.ticker.symbols),

@@ -124,6 +124,33 @@ def derive(cls: type[T], source: object) -> T:
     return cls(**values)
 
 
+def _leeway(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < 3600:
+        raise ValueError(f"{text!r} is not valid: expected a number of seconds from 0 to 3600 (e.g. 30)")
+    return value
+
+
+def _networks(text: str) -> list[str]:
+    import ipaddress  # pure; kept local so this module's imports stay dataclasses only
+
+    networks = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            networks.append(str(ipaddress.ip_network(part, strict=False)))
+        except ValueError:
+            raise ValueError(
+                f"{part!r} is not valid: expected an IP network such as 10.0.0.0/8 or 2001:db8::/32"
+            ) from None
+    return networks
+
+
 @dataclass(slots=True)
 class Config:
     """The gateway's configuration: each field is one setting (see :func:`setting`)."""
@@ -162,6 +189,87 @@ class Config:
         "GATEWAY_ALLOWED_ORIGINS",
         "browser Origin allowed to connect (repeatable; env: comma-separated); none given = any origin; "
         "clients that send no Origin are always accepted",
+    )
+    jwt_secret_file: str | None = setting(
+        None,
+        "--jwt-secret-file",
+        "GATEWAY_JWT_SECRET_FILE",
+        "file holding the shared secret of HS256/384/512 tokens (a trailing newline is ignored); turns tokens on",
+        kind="file",
+    )
+    jwt_key_file: str | None = setting(
+        None,
+        "--jwt-key-file",
+        "GATEWAY_JWT_KEY_FILE",
+        "PEM public key or JWKS JSON file (keys chosen by kid) of RS*, PS*, ES* or EdDSA tokens; turns tokens on",
+        kind="file",
+    )
+    jwt_audience: str | None = setting(
+        None,
+        "--jwt-audience",
+        "GATEWAY_JWT_AUDIENCE",
+        "what a token's aud must include (unset: the resource server id)",
+    )
+    jwt_issuer: str | None = setting(
+        None, "--jwt-issuer", "GATEWAY_JWT_ISSUER", "what a token's iss must be (unset: not checked)"
+    )
+    jwt_leeway: float = setting(
+        0.0,
+        "--jwt-leeway",
+        "GATEWAY_JWT_LEEWAY",
+        "seconds of clock skew allowed on exp and nbf; a session ends this long after its token's exp",
+        kind="number",
+        parse=_leeway,
+        show=lambda value: f"{value:g} s",
+    )
+    jwt_cookie: str | None = setting(
+        None,
+        "--jwt-cookie",
+        "GATEWAY_JWT_COOKIE",
+        "name of a cookie of the WebSocket upgrade that may carry the token",
+    )
+    jwt_resource_server_id: str = setting(
+        "rabbitmq",
+        "--jwt-resource-server-id",
+        "GATEWAY_JWT_RESOURCE_SERVER_ID",
+        "prefix of the scopes that count (<id>.read:<vhost>/<name>[/<routing key>], as RabbitMQ's OAuth 2.0 plugin)",
+    )
+    anonymous_scopes: list[str] = setting(
+        [],
+        "--anonymous-scope",
+        "GATEWAY_ANONYMOUS_SCOPES",
+        "scope granted to sessions without a token (repeatable; env: comma-separated); with tokens on and none "
+        "given, a CONNECT without a token is refused; turns tokens on",
+    )
+    max_connections: int | None = setting(
+        None,
+        "--max-connections",
+        "GATEWAY_MAX_CONNECTIONS",
+        "client connections the gateway takes at once; over it a WebSocket upgrade gets HTTP 503 with Retry-After",
+        kind="int",
+    )
+    max_connections_per_ip: int | None = setting(
+        None,
+        "--max-connections-per-ip",
+        "GATEWAY_MAX_CONNECTIONS_PER_IP",
+        "client connections from one address at once; over it a WebSocket upgrade gets HTTP 429 with Retry-After",
+        kind="int",
+    )
+    max_frames_per_second: float | None = setting(
+        None,
+        "--max-frames-per-second",
+        "GATEWAY_MAX_FRAMES_PER_SECOND",
+        "frames one session may send per second, in bursts of up to one second's worth; faster senders are "
+        "read more slowly, nothing is dropped",
+        kind="number",
+    )
+    trusted_proxies: list[str] = setting(
+        [],
+        "--trusted-proxy",
+        "GATEWAY_TRUSTED_PROXIES",
+        "network (CIDR) of load balancers whose X-Forwarded-For or PROXY protocol (v1, v2) header names the "
+        "client (repeatable; env: comma-separated)",
+        parse=_networks,
     )
     certfile: str | None = setting(
         None, "--certfile", "GATEWAY_CERTFILE", "TLS certificate (PEM) for wss:// and https://", kind="file"

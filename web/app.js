@@ -21,6 +21,10 @@
  *    there, so it gets every tick conflation skipped.
  * Any symbol can be added: a row without a tick yet says "waiting for data", and after a while "no data yet".
  *
+ * Tokens: a page opened as /?access_token=<JWT> (or #access_token=...) passes the token on as the
+ * access_token query parameter of the WebSocket URL. The page only subscribes, so an anonymous read scope
+ * for the ticks is all it needs without one.
+ *
  * While the connection is down the rows are dimmed and the page says since when the prices are stale;
  * an ERROR from the server is shown in plain words and cleared once the connection is back.
  *
@@ -85,11 +89,21 @@
     return el ? el.content.trim() : '';
   }
 
+  /** A token given to the page as ?access_token=... or #access_token=... (what an OAuth 2.0 login returns). */
+  function accessToken() {
+    const fromQuery = new URLSearchParams(window.location.search).get('access_token');
+    const fromHash = new URLSearchParams(window.location.hash.replace(/^#/, '')).get('access_token');
+    return (fromQuery || fromHash || '').trim();
+  }
+
+  // Browsers cannot set headers on a WebSocket: the token travels as the access_token query parameter.
   function brokerUrl() {
     const configured = meta('stomp-url');
-    if (configured) return configured;
     const scheme = window.location.protocol === 'https:' ? 'wss:' : 'ws:';
-    return `${scheme}//${window.location.host}/ws`;
+    const url = configured || `${scheme}//${window.location.host}/ws`;
+    const token = accessToken();
+    if (!token) return url;
+    return `${url}${url.includes('?') ? '&' : '?'}access_token=${encodeURIComponent(token)}`;
   }
 
   function normalize(text) {
@@ -128,6 +142,8 @@
     'Bad CONNECT': 'The server did not accept this page\'s login.',
     'Slow consumer': 'The connection fell too far behind and was reset. The page reconnects by itself.',
     'Heart-beat timeout': 'The connection went quiet and was reset. The page reconnects by itself.',
+    'Token expired': 'Your sign-in expired. Open the page again with a new token.',
+    access_refused: 'Your sign-in does not allow this.',
   };
 
   function showError(message, body) {

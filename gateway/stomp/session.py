@@ -19,6 +19,7 @@ import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from gateway.auth import Token, TokenPolicy, TokenRejected
 from gateway.broker.base import (
     AccessRefused,
     BrokerError,
@@ -48,6 +49,7 @@ from gateway.destinations import (
     temp_queue_plan,
 )
 from gateway.headers import delivery_headers, properties_from_send
+from gateway.scopes import Need, Scopes, send_needs, subscribe_needs, unsubscribe_needs
 from gateway.settings import DEFAULTS
 from gateway.stomp.frames import (
     DEFAULT_LIMITS,
@@ -62,6 +64,7 @@ from gateway.stomp.writer import MessageTemplate
 
 __all__ = [
     "ACCEPTS",
+    "TOKEN_DESTINATION",
     "Ack",
     "Action",
     "Authenticate",
@@ -69,6 +72,7 @@ __all__ = [
     "Close",
     "Connected",
     "Disconnect",
+    "ExpireAt",
     "Publish",
     "SendFrame",
     "Session",
@@ -119,6 +123,9 @@ TRANSACTIONAL = frozenset({"SEND", "ACK", "NACK"})
 
 ACK_MODES = ("auto", "client", "client-individual")
 
+#: SEND a new token here (the body) to replace the session's token and scopes (sessions with tokens only).
+TOKEN_DESTINATION = "/gateway/token"
+
 
 # ---------------------------------------------------------------------------------------------- actions
 
@@ -138,6 +145,9 @@ class Authenticate:
     login: str
     passcode: str
     vhost: str
+    #: log in with the gateway's own broker credentials (a token or anonymous session; ``login`` and
+    #: ``passcode`` are then empty): the session itself checks what the client may do
+    as_gateway: bool = False
 
 
 @dataclass(slots=True)
@@ -154,6 +164,8 @@ class Subscription:
     prefetch_count: int | None
     consumer_tag: str
     consumer_arguments: dict[str, object] = field(default_factory=dict)
+    #: the permissions it needs (checked again when a refreshed token replaces the scopes)
+    needs: tuple[Need, ...] = ()
     #: ack id -> delivery tag, in delivery order (client modes only)
     pending: dict[str, int] = field(default_factory=dict)
     #: last value, recovery, conflation asked for (a shared /exchange or /topic subscription only)
@@ -239,6 +251,14 @@ class Connected:
 
 
 @dataclass(frozen=True, slots=True)
+class ExpireAt:
+    """The session's token expires at ``deadline`` (seconds since the epoch, leeway included): call
+    :meth:`Session.token_expired` then. Replaces any earlier deadline (a refreshed token)."""
+
+    deadline: float
+
+
+@dataclass(frozen=True, slots=True)
 class Disconnect:
     """Wait for every earlier action (confirms included), send ``receipt`` if any, then close."""
 
@@ -253,7 +273,17 @@ class Close:
 
 
 Action = (
-    SendFrame | Authenticate | Connected | Subscribe | Unsubscribe | Publish | Ack | Barrier | Disconnect | Close
+    SendFrame
+    | Authenticate
+    | Connected
+    | Subscribe
+    | Unsubscribe
+    | Publish
+    | Ack
+    | Barrier
+    | ExpireAt
+    | Disconnect
+    | Close
 )
 
 
@@ -323,6 +353,8 @@ class SessionSettings:
     shared_fanout: bool = DEFAULTS.shared_fanout
     max_conflate_interval: float = DEFAULTS.max_conflate_interval
     stream_prefetch: int = DEFAULTS.stream_prefetch
+    #: tokens and scopes (:func:`gateway.auth.load_policy`); None: the broker's own logins decide
+    tokens: TokenPolicy | None = None
 
 
 def _uint(text: str) -> int:
@@ -399,6 +431,7 @@ class Session:
         session_id: str | None = None,
         *,
         limits: Limits = DEFAULT_LIMITS,
+        token: str | None = None,
     ) -> None:
         self.settings = settings or SessionSettings()
         self.id = session_id or _new_session_id()
@@ -416,6 +449,12 @@ class Session:
         #: ack id -> subscription key, for client ack modes
         self._ack_index: dict[str, str] = {}
         self._tag_counter = 0
+        #: the token the upgrade request carried (query parameter, Authorization header or cookie)
+        self._handshake_token = token
+        #: the verified token (None: anonymous, or no token policy)
+        self.token: Token | None = None
+        #: what the client may do (None: no token policy, the broker's permissions decide)
+        self.scopes: Scopes | None = None
 
     # -- input ------------------------------------------------------------------------------------
 
@@ -481,6 +520,8 @@ class Session:
         )
         login = frame.get("login")
         passcode = frame.get("passcode")
+        if self.settings.tokens is not None:
+            return self._connect_with_token(self.settings.tokens, passcode, frame.get("host"))
         if login is None:
             login, passcode = self.settings.default_login, self.settings.default_passcode
         self.login = login
@@ -489,6 +530,54 @@ class Session:
         return [Authenticate(login, passcode or "", self.vhost)]
 
     _on_stomp = _on_connect
+
+    def _connect_with_token(self, policy: TokenPolicy, passcode: str | None, host: str | None) -> list[Action]:
+        """CONNECT under a token policy: the token is the ``passcode`` (any ``login``), else the one the
+        upgrade request carried; without one, the anonymous scopes if there are any. The broker login is the
+        gateway's own; the scopes decide what the client may do."""
+        raw = passcode if passcode else self._handshake_token
+        self.vhost = host or self.settings.default_vhost
+        if raw:
+            if policy.verifier is None:
+                raise ProtocolError("Bad CONNECT", "This gateway takes no tokens (no key is configured)\n")
+            try:
+                self.token = policy.verifier.verify(raw)
+            except TokenRejected as rejected:
+                raise ProtocolError("Bad CONNECT", f"Token rejected: {rejected}\n") from None
+            self.scopes = self.token.scopes
+            self.login = self.token.subject or "(token without sub)"
+        elif policy.anonymous is not None:
+            self.scopes = policy.anonymous
+            self.login = "anonymous"
+        else:
+            raise ProtocolError(
+                "Bad CONNECT",
+                "A token is required: give it as the passcode, as the access_token query parameter of the "
+                "WebSocket URL, or in an Authorization: Bearer header\n",
+            )
+        if not self.scopes.vhost_access(self.vhost):
+            who = "the token" if self.token is not None else "an anonymous session"
+            raise ProtocolError("Bad CONNECT", f"Virtual host '{self.vhost}' access denied: {who} has no scope in it\n")
+        self.state = State.AUTHENTICATING
+        return [Authenticate("", "", self.vhost, as_gateway=True)]
+
+    def _check(self, command: str, destination: str, needs: Iterable[Need]) -> None:
+        """Raise ``access_refused`` naming the destination and the first permission the scopes lack."""
+        scopes = self.scopes
+        if scopes is None:
+            return
+        missing = scopes.missing(self.vhost, needs)
+        if missing is not None:
+            who = "the token" if self.token is not None else "an anonymous session"
+            raise ProtocolError(
+                "access_refused",
+                f"{command} to '{destination}' needs {missing.describe(self.vhost)}, which {who} does not grant\n",
+            )
+
+    def _expiry(self) -> list[Action]:
+        if self.token is None or self.settings.tokens is None:
+            return []
+        return [ExpireAt(self.token.expires_at + self.settings.tokens.leeway)]
 
     def authenticated(self) -> list[Action]:
         """The broker accepted the credentials: switch the parser to the negotiated version and the
@@ -508,7 +597,7 @@ class Session:
                 ("heart-beat", f"{send_every},{expect_every}"),
             ),
         )
-        return [Connected(self.version, send_every, expect_every), SendFrame(connected)]
+        return [Connected(self.version, send_every, expect_every), *self._expiry(), SendFrame(connected)]
 
     # -- outcomes the connection layer observes ----------------------------------------------------------
 
@@ -516,6 +605,10 @@ class Session:
         """A broker operation failed (or the session's broker channel closed): report it with RabbitMQ's
         wording and close."""
         receipt_id = receipt.get("receipt-id") if receipt is not None else None
+        if isinstance(error, AccessRefused) and self.scopes is not None:
+            # the gateway's own login: its user name is nobody else's business
+            detail = "The gateway's own login to the message broker was refused; see the gateway's log\n"
+            return self.fail(ProtocolError("Bad CONNECT", detail, receipt_id=receipt_id))
         if isinstance(error, AccessRefused | VhostNotFound):
             return self.fail(ProtocolError("Bad CONNECT", error.text, receipt_id=receipt_id))
         if isinstance(error, FrameTooLarge):
@@ -574,6 +667,21 @@ class Session:
             )
         )
 
+    def token_expired(self, now: float) -> list[Action]:
+        """The deadline of the last :class:`ExpireAt` came (``now``: seconds since the epoch): ERROR and close."""
+        if self.token is None or self.state is State.CLOSED:
+            return []
+        deadline = self.token.expires_at + (self.settings.tokens.leeway if self.settings.tokens else 0.0)
+        if now < deadline - 0.001:
+            return self._expiry()  # a timer armed for an earlier token: wait for this one's
+        return self.fail(
+            ProtocolError(
+                "Token expired",
+                "The session's token expired; CONNECT again with a new one (or, before it expires, SEND a new "
+                f"token to {TOKEN_DESTINATION})\n",
+            )
+        )
+
     def internal_error(self) -> list[Action]:
         """The gateway failed while handling this session (the log has the traceback)."""
         return self._fail_if_open(ProtocolError("Internal error", "The gateway failed; see its log.\n"))
@@ -589,11 +697,15 @@ class Session:
         raw = frame.get("destination")
         if raw is None:
             raise ProtocolError("Missing destination", "\"SEND\" must include a 'destination' header\n")
+        if raw == TOKEN_DESTINATION and self.settings.tokens is not None:
+            return self._refresh(frame)
         destination = parse_destination(raw)
         check_send_destination(destination)
+        reply_to = frame.get("reply-to")
+        temp_reply = reply_to is not None and reply_to.startswith("/temp-queue/")
+        self._check("SEND", raw, send_needs(destination, self.settings.topic_exchange, temp_reply=temp_reply))
         temp_queue = None
         reply_subscription = None
-        reply_to = frame.get("reply-to")
         if reply_to is not None and reply_to.startswith("/temp-queue/"):
             temp_queue = reply_to
             reply_subscription = self.temp_queues.get(reply_to)
@@ -614,6 +726,48 @@ class Session:
                 reply_subscription=reply_subscription,
             )
         ]
+
+    def _refresh(self, frame: Frame) -> list[Action]:
+        """A SEND to :data:`TOKEN_DESTINATION`: its body is a new token for the same ``sub``. It replaces the
+        token and the scopes; the subscriptions the new scopes no longer allow end, each with an ERROR
+        naming it (the session stays open); the RECEIPT, if asked, comes last."""
+        policy = self.settings.tokens
+        assert policy is not None
+        if self.token is None or policy.verifier is None:
+            raise ProtocolError(
+                "access_refused", "Only a session opened with a token can refresh it; CONNECT with a token\n"
+            )
+        try:
+            token = policy.verifier.verify(frame.body.decode("utf-8", "replace").strip())
+        except TokenRejected as rejected:
+            raise ProtocolError("access_refused", f"Token refresh refused: {rejected}\n") from None
+        if token.subject is None or token.subject != self.token.subject:
+            raise ProtocolError(
+                "access_refused", "Token refresh refused: the new token is for another subject (sub)\n"
+            )
+        self.token = token
+        self.scopes = token.scopes
+        actions: list[Action] = [*self._expiry()]
+        for key, subscription in list(self.subscriptions.items()):
+            missing = token.scopes.missing(self.vhost, subscription.needs)
+            if missing is None:
+                continue
+            del self.subscriptions[key]
+            for ack_id in subscription.pending:
+                self._ack_index.pop(ack_id, None)
+            raw = subscription.destination.raw
+            named = (("subscription", subscription.id),) if subscription.id is not None else ()
+            ended = ProtocolError(
+                "access_refused",
+                f"Subscription to '{raw}' ended: it needs {missing.describe(self.vhost)}, which the refreshed "
+                "token does not grant\n",
+                headers=(*named, ("destination", raw)),
+            )
+            actions += [Unsubscribe(subscription, None, None), SendFrame(ended.to_frame())]
+        receipt = _receipt(frame)
+        if receipt is not None:
+            actions.append(SendFrame(receipt))
+        return actions
 
     def _temp_queue(self, name: str) -> Subscription:
         """The consumer of the reply queue behind ``/temp-queue/...`` ``name``: its MESSAGEs carry
@@ -664,6 +818,8 @@ class Session:
         headers = dict(self._first_headers(frame))
         destination = parse_destination(raw)
         plan = subscription_plan(destination, headers, sub_id, self.settings.topic_exchange)
+        needs = tuple(subscribe_needs(destination, plan, headers, self.settings.topic_exchange))
+        self._check("SUBSCRIBE", raw, needs)
         prefetch = headers.get("prefetch-count")
         prefetch_count = None
         if prefetch is not None:
@@ -714,6 +870,7 @@ class Session:
             consumer_arguments=consumer_arguments,
             continuity=continuity,
             gateway_acks=gateway_acks,
+            needs=needs,
         )
         self.subscriptions[key] = subscription
         return [Subscribe(subscription, _receipt(frame))]
@@ -812,6 +969,7 @@ class Session:
             delete_queue = durable_unsubscribe_queue(
                 subscription.destination, dict(self._first_headers(frame)), sub_id
             )
+            self._check("UNSUBSCRIBE", subscription.destination.raw, unsubscribe_needs(delete_queue))
         return [Unsubscribe(subscription, delete_queue, _receipt(frame))]
 
     # -- ACK / NACK -----------------------------------------------------------------------------------
@@ -896,7 +1054,16 @@ class Session:
             raw = frame.get("destination")
             if raw is None:
                 raise ProtocolError("Missing destination", "\"SEND\" must include a 'destination' header\n")
+            if raw == TOKEN_DESTINATION and self.settings.tokens is not None:
+                raise ProtocolError("Invalid destination", f"'{raw}' is not valid in a transaction\n")
             check_send_destination(parse_destination(raw))
+            reply_to = frame.get("reply-to")
+            temp_reply = reply_to is not None and reply_to.startswith("/temp-queue/")
+            self._check(
+                "SEND",
+                raw,
+                send_needs(parse_destination(raw), self.settings.topic_exchange, temp_reply=temp_reply),
+            )
             properties_from_send(frame.headers)
             send_declaration(parse_destination(raw), dict(self._first_headers(frame)))
         # The frame keeps its ``receipt``: the RECEIPT promises the frame took effect, so it is sent when

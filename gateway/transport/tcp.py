@@ -9,10 +9,33 @@ from typing import Any
 
 from gateway.connection import Backlog, StompConnection, Transport
 from gateway.metrics import TALLY
+from gateway.proxy import ProxyHeaderError, is_proxy_header, parse_proxy_header
 
 __all__ = ["TcpTransport", "serve_tcp"]
 
 READ_SIZE = 64 * 1024
+#: seconds a trusted proxy has to send its PROXY header (or the first bytes that show it sends none)
+PROXY_HEADER_TIMEOUT = 10.0
+
+
+async def read_proxy_header(reader: asyncio.StreamReader) -> tuple[tuple[str, int] | None, bytes]:
+    """From a trusted proxy's connection: the client address of its PROXY header (None: no header, or
+    UNKNOWN/LOCAL) and the bytes read past it. Raises :class:`ProxyHeaderError` for a malformed header."""
+    data = b""
+    while True:
+        chunk = await reader.read(READ_SIZE)
+        if not chunk:
+            raise ProxyHeaderError("connection closed in the PROXY header")
+        data += chunk
+        starts = is_proxy_header(data)
+        if starts is False:
+            return None, data
+        if starts is None:
+            continue
+        parsed = parse_proxy_header(data)
+        if parsed is not None:
+            consumed, address = parsed
+            return address, data[consumed:]
 
 
 class TcpTransport(Transport):
@@ -59,12 +82,24 @@ async def serve_tcp(gateway: Any) -> asyncio.Server:
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer_info = writer.get_extra_info("peername")
-        peer = "{}:{}".format(*peer_info[:2]) if peer_info else "?"
+        proxied, first = None, b""
+        if peer_info and gateway.trusted_proxies.trusts(peer_info[0]):
+            try:
+                proxied, first = await asyncio.wait_for(read_proxy_header(reader), PROXY_HEADER_TIMEOUT)
+            except (ProxyHeaderError, TimeoutError, ConnectionError, OSError):
+                writer.close()
+                return
+        handshake = gateway.handshake(peer_info, proxied=proxied)
+        if gateway.refusal(handshake.address) is not None:
+            writer.close()  # STOMP has no refusal before CONNECT; the metric and the log say why
+            return
         connection = StompConnection(
-            TcpTransport(writer), gateway.broker, gateway.registry, gateway.connection_settings, peer=peer
+            TcpTransport(writer), gateway.broker, gateway.registry, gateway.connection_settings, handshake=handshake
         )
         gateway.connection_opened(connection)
         try:
+            if first:
+                await connection.receive_data(first)
             while not connection.closed.is_set():
                 data = await reader.read(READ_SIZE)
                 if not data:

@@ -33,8 +33,9 @@ from websockets.protocol import State
 from websockets.server import ServerProtocol
 from websockets.typing import Origin, Subprotocol
 
-from gateway.connection import Backlog, StompConnection, Transport
+from gateway.connection import Backlog, Handshake, StompConnection, Transport
 from gateway.metrics import TALLY
+from gateway.proxy import ProxyHeaderError, is_proxy_header, parse_proxy_header
 from gateway.transport.http import HttpResponder
 from gateway.transport.websocket_frames import MessageSizeGuard, websocket_frame
 
@@ -308,6 +309,12 @@ class WebSocketProtocol(asyncio.Protocol):
         self.connection: StompConnection | None = None
         #: something arrived since the last ping round (see WebSocketServer._ping)
         self.heard = True
+        #: a trusted proxy's connection: the bytes read while looking for its PROXY header (None: done)
+        self._proxy_bytes: bytes | None = None
+        #: the client address a PROXY header named
+        self._proxied: tuple[str, int] | None = None
+        #: who the client is and the token it brought (set when the upgrade request is answered)
+        self.handshake: Handshake | None = None
 
     # -- asyncio callbacks ------------------------------------------------------------------------------
 
@@ -317,8 +324,15 @@ class WebSocketProtocol(asyncio.Protocol):
         transport.set_write_buffer_limits(WRITE_LIMIT)
         self.server.protocols.add(self)
         self._timer = self.loop.call_later(OPEN_TIMEOUT, self._timed_out)
+        peer = transport.get_extra_info("peername")
+        if peer and self.server.gateway.trusted_proxies.trusts(peer[0]):
+            self._proxy_bytes = b""  # it may send a PROXY header first
 
     def data_received(self, data: bytes) -> None:
+        if self._proxy_bytes is not None:
+            data = self._proxy_header(data)
+            if not data:
+                return
         self.heard = True
         if self.connection is not None:
             self.connection.client_alive()
@@ -341,6 +355,29 @@ class WebSocketProtocol(asyncio.Protocol):
         for frame in cast(list[Frame], events):  # after the request, only frames
             self._frame(frame)
         self.send_data()
+
+    def _proxy_header(self, data: bytes) -> bytes:
+        """Strip a trusted proxy's PROXY header (v1 or v2) and note the client it names; return the bytes
+        after it (nothing while the header is incomplete). A malformed one closes the connection."""
+        assert self._proxy_bytes is not None
+        data = self._proxy_bytes + data
+        try:
+            if is_proxy_header(data) is False:
+                self._proxy_bytes = None
+                return data
+            parsed = parse_proxy_header(data)
+        except ProxyHeaderError:
+            parsed = None
+            self._proxy_bytes = None
+            if self.transport is not None:
+                self.transport.close()
+            return b""
+        if parsed is None:
+            self._proxy_bytes = data
+            return b""
+        self._proxy_bytes = None
+        consumed, self._proxied = parsed
+        return data[consumed:]
 
     def eof_received(self) -> bool | None:
         self.ws.receive_eof()
@@ -479,6 +516,17 @@ class WebSocketProtocol(asyncio.Protocol):
                 response = ws.reject(HTTPStatus.UPGRADE_REQUIRED, "Only WebSocket version 13 is supported\n")
                 response.headers["Sec-WebSocket-Version"] = "13"
                 return response
+            # The door: who the client is (behind trusted proxies), its token, and whether it may come in.
+            transport = self.transport
+            peer = transport.get_extra_info("peername") if transport is not None else None
+            query = request.path.split("?", 1)[1] if "?" in request.path else ""
+            gateway = self.server.gateway
+            self.handshake = gateway.handshake(peer, proxied=self._proxied, query=query, headers=request.headers.get_all)
+            refusal = gateway.refusal(self.handshake.address)
+            if refusal is not None:
+                response = ws.reject(HTTPStatus(refusal.status), refusal.text)
+                response.headers["Retry-After"] = str(refusal.retry_after)
+                return response
             response = ws.accept(request)
         except Exception:
             logger.exception("answering an HTTP request for %s failed", path)
@@ -499,11 +547,11 @@ class WebSocketProtocol(asyncio.Protocol):
         if server.unauthenticated_message_size != server.authenticated_message_size:
             # Follows the stream from its first frame on, so that it can take over at CONNECT.
             self._guard = MessageSizeGuard(server.unauthenticated_message_size)
-        peer_info = transport.get_extra_info("peername")
-        peer = "{}:{}".format(*peer_info[:2]) if peer_info else "?"
         gateway = server.gateway
+        handshake = self.handshake or gateway.handshake(transport.get_extra_info("peername"), proxied=self._proxied)
+        peer = handshake.peer
         connection = StompConnection(
-            self.stomp, gateway.broker, gateway.registry, gateway.connection_settings, peer=peer
+            self.stomp, gateway.broker, gateway.registry, gateway.connection_settings, handshake=handshake
         )
         gateway.connection_opened(connection)
         self.connection = connection

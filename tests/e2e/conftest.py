@@ -287,7 +287,7 @@ def context(browser: Browser) -> Iterator[BrowserContext]:
 # Console errors a test may cause on purpose: the page has no favicon, while a gateway is down the
 # browser reports each failed WebSocket attempt, and a test may refuse the page its info.json.
 EXPECTED_CONSOLE_ERRORS = re.compile(
-    r"/favicon\.ico|WebSocket connection to 'ws://127\.0\.0\.1:\d+/ws' failed"
+    r"/favicon\.ico|WebSocket connection to 'ws://(127\.0\.0\.1|localhost):\d+/ws(\?access_token=[^']*)?' failed"
     r"|Failed to load resource: .*\(http://127\.0\.0\.1:\d+/info\.json\)"
 )
 

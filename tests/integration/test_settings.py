@@ -153,11 +153,13 @@ def _not_taken(cls: type) -> set[str]:
 
 
 def test_each_layers_settings_are_config_settings_with_their_defaults() -> None:
-    # Limits, SessionSettings and ConnectionSettings name Config fields: nothing of their own but the nesting
-    # and close_timeout (no setting), and a default of their own would differ from Config's here.
+    # Limits, SessionSettings and ConnectionSettings name Config fields: nothing of their own but the nesting,
+    # close_timeout (no setting) and what the gateway makes of several settings at start (the token policy,
+    # read from the key files; its own broker login, from --amqp-url), and a default of their own would
+    # differ from Config's here.
     assert _not_taken(Limits) == set()
-    assert _not_taken(SessionSettings) == set()
-    assert _not_taken(ConnectionSettings) == {"limits", "session", "close_timeout"}
+    assert _not_taken(SessionSettings) == {"tokens"}
+    assert _not_taken(ConnectionSettings) == {"limits", "session", "close_timeout", "gateway_credentials"}
     assert _not_taken(ContinuitySettings) == set()
     for cls in (Limits, SessionSettings, ConnectionSettings, ContinuitySettings):
         built = cls()
@@ -178,13 +180,15 @@ def test_the_gateway_derives_every_layers_settings_from_its_config() -> None:
     settings = Gateway(config).connection_settings
     seen = {
         **dataclasses.asdict(settings.limits),
-        **dataclasses.asdict(settings.session),
+        **{k: v for k, v in dataclasses.asdict(settings.session).items() if k != "tokens"},
         "login_timeout": settings.login_timeout,
         "max_outbound_buffer": settings.max_outbound_buffer,
     }
     assert seen == changed
     assert settings.max_conflate_interval == 2.5
-    assert derive(ConnectionSettings, config) == settings
+    derived = derive(ConnectionSettings, config)
+    derived.gateway_credentials = ("l", "p")  # the embedded broker's login: the default login
+    assert derived == settings
 
 
 def test_the_shared_bindings_take_the_continuity_settings_from_the_config() -> None:

@@ -300,6 +300,24 @@ const scenarios = {
     emit('state', { client: 'c', connected: p.client.connected, connects: p.count('connected') });
   },
 
+  // Tokens (README "Tokens and permissions"): CONNECT with a token as the passcode, subscribe to two
+  // destinations, refresh in band (SEND to /gateway/token) with a token for the same sub that allows only
+  // args.keep: the other subscription ends with an ERROR (the session goes on), the RECEIPT confirms, and
+  // the session outlives the first token's exp.
+  async refresh() {
+    const p = new Probe('c', { connectHeaders: { login: 'alice', passcode: args.token, host: '/' } });
+    await p.connect();
+    await p.subscribe(args.keep);
+    await p.subscribe(args.drop);
+    await p.publish({ destination: '/gateway/token', body: args.newToken });
+    await p.next('stomp_error');
+    await sleep(Math.max(0, args.firstExpMs - Date.now()) + 300);
+    await p.publish({ destination: args.keep, body: 'after' });
+    await p.message();
+    emit('state', { client: 'c', connected: p.client.connected });
+    await p.close();
+  },
+
   // RabbitMQ's reply-to:/temp-queue/…: the reply has no stompjs subscription, so onUnhandledMessage gets it.
   async rpc() {
     const server = new Probe('server');

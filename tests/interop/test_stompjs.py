@@ -11,11 +11,16 @@ import hashlib
 import json
 import os
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from gateway.server import Gateway
+from tests.conftest import make_config
+from tests.tokens import Keys, make_keys
 
 pytestmark = pytest.mark.interop
 
@@ -93,7 +98,7 @@ async def run_stompjs(node: str, url: str, scenario: str, timeout: float = 15.0,
         + f"\nstderr:\n{stderr.decode()}"
     )
     for e in events.of("stomp_error"):
-        assert scenario in ("error", "badlogin"), f"unexpected ERROR frame: {e}"
+        assert scenario in ("error", "badlogin", "refresh"), f"unexpected ERROR frame: {e}"
     return events
 
 
@@ -270,3 +275,36 @@ async def test_temp_queue_reply_reaches_on_unhandled_message(node: str, ws_url: 
     assert reply["body"] == "pong"
     assert reply["headers"]["subscription"] == "/temp-queue/replies"
     assert reply["headers"]["correlation-id"] == "c-1"
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> Keys:
+    return make_keys(tmp_path / "keys")
+
+
+async def test_token_refresh_in_band(node: str, backend: str, keys: Keys, unique: str) -> None:
+    """The README's stompjs refresh example: an ended subscription is an ERROR that does not close."""
+    gw = Gateway(make_config(backend, jwt_secret_file=keys.secret_file))
+    await gw.start()
+    try:
+        keep, drop = f"/topic/keep.{unique}", f"/topic/drop.{unique}"
+        first_exp = int(time.time()) + 3
+        both = f"rabbitmq.read:*/amq.topic/*.{unique} rabbitmq.write:*/amq.topic/*"
+        narrower = f"rabbitmq.read:*/amq.topic/keep.{unique} rabbitmq.write:*/amq.topic/*"
+        events = await run_stompjs(
+            node,
+            f"ws://127.0.0.1:{gw.port}/ws",
+            "refresh",
+            token=keys.sign(sub="alice", scope=both, ttl=first_exp - time.time()),
+            newToken=keys.sign(sub="alice", scope=narrower, ttl=60),
+            keep=keep,
+            drop=drop,
+            firstExpMs=int(first_exp * 1000),
+        )
+    finally:
+        await gw.stop()
+    ended = events.one("stomp_error")
+    assert ended["headers"]["message"] == "access_refused"
+    assert ended["headers"]["destination"] == drop
+    assert events.one("message")["headers"]["destination"] == keep
+    assert events.one("state")["connected"] is True
