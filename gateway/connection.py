@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import abc
 import asyncio
-import collections
 import contextlib
 import logging
 import time
@@ -105,7 +104,7 @@ class Backlog:
     """Where each write to an OS transport ended, so that a transport can tell what waits behind the write
     the kernel is taking now (:attr:`Transport.backlog`). ``buffered`` reads the OS transport's buffer size."""
 
-    __slots__ = ("buffered", "ends", "written")
+    __slots__ = ("buffered", "ends", "head", "written")
 
     #: ends kept before the consumed ones are dropped (bounds the memory of a client that is slow for long)
     TRIM_AT = 64
@@ -113,21 +112,34 @@ class Backlog:
     def __init__(self, buffered: Callable[[], int]) -> None:
         self.buffered = buffered
         self.written = 0
-        self.ends: collections.deque[int] = collections.deque()
+        # A list and the index of its oldest live entry (an empty deque is 600 bytes; a gateway holds
+        # tens of thousands of these).
+        self.ends: list[int] = []
+        self.head = 0
 
     def wrote(self, size: int) -> None:
         self.written += size
         self.ends.append(self.written)
-        if len(self.ends) > self.TRIM_AT:
+        if len(self.ends) - self.head > self.TRIM_AT:
             self.behind_head()
 
     def behind_head(self) -> int:
         """Bytes of the writes after the oldest one still (partly) in the buffer."""
         taken = self.written - self.buffered()
         ends = self.ends
-        while ends and ends[0] <= taken:
-            ends.popleft()
-        return self.written - ends[0] if ends else 0
+        head = self.head
+        count = len(ends)
+        while head < count and ends[head] <= taken:
+            head += 1
+        if head == count:
+            ends.clear()
+            self.head = 0
+            return 0
+        if head > self.TRIM_AT:
+            del ends[:head]
+            head = 0
+        self.head = head
+        return self.written - ends[head]
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,6 +192,16 @@ class StompConnection:
     publishes waiting for confirms, the timers.
     """
 
+    # Slots: a gateway holds tens of thousands of these (an instance dict would be 1.5 KiB of each).
+    __slots__ = (
+        "_attachments", "_background", "_bucket", "_channel", "_closing", "_confirming", "_declared",
+        "_exclusive_queues", "_expiry", "_last_subscribe", "_login_timer", "_own_channel_lock",
+        "_own_subscribe_lock", "_pending", "_principal", "_receiving", "_reply_queues", "_session_gauge",
+        "_subscribing", "_tasks", "broker", "close_reason", "debug", "ended", "frames_in", "frames_out",
+        "handshake", "last_received", "last_sent", "loop", "messages_out", "peer", "registry", "session",
+        "settings", "started", "transport",
+    )
+
     def __init__(
         self,
         transport: Transport,
@@ -199,7 +221,8 @@ class StompConnection:
         self.session = Session(settings.session, limits=settings.limits, token=self.handshake.token)
         self.loop = asyncio.get_running_loop()
         self.last_received = self.last_sent = self.loop.time()
-        self.closed = asyncio.Event()
+        #: the cleanup ran: the connection is over
+        self.ended = False
         self.debug = logger.isEnabledFor(logging.DEBUG)
         self.started = self.loop.time()
         #: what the session-end log line reports
@@ -212,25 +235,29 @@ class StompConnection:
         self._closing = False
         self._principal: Any = None
         self._channel: Channel | None = None
-        self._declared: set[str] = set()
-        self._exclusive_queues: set[str] = set()
+        # Dicts used as ordered sets: an empty set is 216 bytes, an empty dict 64, and most connections
+        # never use most of these.
+        self._declared: dict[str, None] = {}
+        self._exclusive_queues: dict[str, None] = {}
         self._receiving = False
         self._confirming = False
         #: id(subscription) -> how its broker side is attached (the attachment keeps the subscription alive)
         self._attachments: dict[int, _Consumer | _Shared] = {}
         #: ``/temp-queue/...`` name -> the broker's name of its reply queue (on the current channel)
         self._reply_queues: dict[str, str] = {}
-        self._subscribing: set[asyncio.Future[None]] = set()
+        self._subscribing: dict[asyncio.Future[None], None] = {}
         self._last_subscribe: asyncio.Future[None] | None = None
         self._own_subscribe_lock = asyncio.Lock()
         self._own_channel_lock = asyncio.Lock()
-        self._pending: set[asyncio.Future[None]] = set()
-        self._background: set[asyncio.Future[Any]] = set()
+        self._pending: dict[asyncio.Future[None], None] = {}
+        self._background: dict[asyncio.Future[Any], None] = {}
         self._expiry: asyncio.TimerHandle | None = None
         rate = settings.max_frames_per_second
         self._bucket = TokenBucket(rate, max(rate, 1.0)) if rate else None
-        self._login_task = asyncio.create_task(self._login_timer(), name=f"stomp-login-{self.peer}")
-        self._tasks = [self._login_task]
+        self._login_timer: asyncio.TimerHandle | None = self.loop.call_later(
+            settings.login_timeout, self._login_timed_out
+        )
+        self._tasks: list[asyncio.Task[None]] = []
 
     # -- input ------------------------------------------------------------------------------------------
 
@@ -384,15 +411,23 @@ class StompConnection:
     def _spawn(self, coro: Any) -> None:
         """Run ``coro`` in the background, keeping a reference until it ends."""
         task = asyncio.ensure_future(coro)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self._background[task] = None
+        task.add_done_callback(self._background_done)
+
+    def _background_done(self, task: asyncio.Future[Any]) -> None:
+        self._background.pop(task, None)
+
+    def _subscribe_done(self, task: asyncio.Future[None]) -> None:
+        self._subscribing.pop(task, None)
+        if self._last_subscribe is task:
+            self._last_subscribe = None  # nothing to wait for: no need to keep the task
 
     # -- timers -----------------------------------------------------------------------------------------
 
-    async def _login_timer(self) -> None:
-        await asyncio.sleep(self.settings.login_timeout)
+    def _login_timed_out(self) -> None:
+        self._login_timer = None
         if not self._closing:
-            await self._run(self.session.login_timed_out(self.settings.login_timeout))
+            self._spawn(self._run(self.session.login_timed_out(self.settings.login_timeout)))
 
     def _arm_expiry(self, deadline: float) -> None:
         """Tell the session when its token's deadline (wall-clock seconds) comes; a later deadline replaces it."""
@@ -438,8 +473,9 @@ class StompConnection:
             await self._run(self.session.authenticated())
 
     def _connected(self, action: Connected) -> None:
-        if self._login_task is not asyncio.current_task():
-            self._login_task.cancel()
+        if self._login_timer is not None:
+            self._login_timer.cancel()
+            self._login_timer = None
         self.transport.authenticated()
         self._session_gauge.dec()
         self._session_gauge = metrics.SESSIONS.labels("connected", action.version)
@@ -481,9 +517,9 @@ class StompConnection:
                     auto_delete=declaration.auto_delete,
                     arguments=declaration.arguments,
                 )
-                self._declared.add(declaration.name)
+                self._declared[declaration.name] = None
                 if declaration.exclusive:
-                    self._exclusive_queues.add(declaration.name)
+                    self._exclusive_queues[declaration.name] = None
             if action.temp_queue is not None and action.reply_subscription is not None:
                 action.properties.reply_to = await self._reply_queue(channel, action.reply_subscription)
             if (action.receipt is not None or action.confirm) and not self._confirming:
@@ -496,12 +532,12 @@ class StompConnection:
             await self._fail(error, action.receipt)
             return
         TALLY.messages_published += 1
-        self._pending.add(future)
+        self._pending[future] = None
         future.add_done_callback(lambda f: self._confirmed(f, action.receipt))
         await channel.drain()
 
     def _confirmed(self, future: asyncio.Future[None], receipt: Frame | None) -> None:
-        self._pending.discard(future)
+        self._pending.pop(future, None)
         if self._closing:
             if not future.cancelled():
                 future.exception()
@@ -655,8 +691,8 @@ class StompConnection:
             return
         task = asyncio.ensure_future(self._subscribe(action, self._last_subscribe))
         self._last_subscribe = task
-        self._subscribing.add(task)
-        task.add_done_callback(self._subscribing.discard)
+        self._subscribing[task] = None
+        task.add_done_callback(self._subscribe_done)
 
     async def _subscribes_done(self) -> None:
         while self._subscribing:
@@ -716,7 +752,7 @@ class StompConnection:
                 if declaration.exclusive:
                     # AMQP ties exclusive queues to the (shared) connection: delete it when the
                     # session ends, or now if the bind or consume fails (as RabbitMQ's plugin does).
-                    self._exclusive_queues.add(queue)
+                    self._exclusive_queues[queue] = None
             if plan.exchange is not None:
                 await channel.bind_queue(queue, plan.exchange, plan.binding_key)
             deliverer = _Deliverer(self, subscription)
@@ -832,9 +868,12 @@ class StompConnection:
         await self._cleanup()
 
     async def _cleanup(self) -> None:
-        if self.closed.is_set():
+        if self.ended:
             return
-        self.closed.set()
+        self.ended = True
+        if self._login_timer is not None:
+            self._login_timer.cancel()
+            self._login_timer = None
         self._session_gauge.dec()
         self._log_end()
         if self._expiry is not None:
@@ -859,7 +898,7 @@ class StompConnection:
 
     async def _delete_exclusive_queues(self) -> None:
         """The AMQP connection outlives the session: its exclusive queues must go explicitly."""
-        queues, self._exclusive_queues = self._exclusive_queues, set()
+        queues, self._exclusive_queues = list(self._exclusive_queues), {}
         try:
             channel = await self.broker.open_channel(self._principal, self.session.id)
         except BrokerError:

@@ -100,7 +100,7 @@ async def serve_tcp(gateway: Any) -> asyncio.Server:
         try:
             if first:
                 await connection.receive_data(first)
-            while not connection.closed.is_set():
+            while not connection.ended:
                 data = await reader.read(READ_SIZE)
                 if not data:
                     break

@@ -164,7 +164,7 @@ async def test_send_receipt_follows_the_broker_confirm(harness: Harness) -> None
     await connection.receive_data(frame("SEND", {"destination": "/queue/confirm", "receipt": "s-1"}, b"x"))
     await until(lambda: bool(transport.of("RECEIPT")))
     assert transport.of("RECEIPT")[0].get("receipt-id") == "s-1"
-    assert connection._pending == set()  # the confirm came before the RECEIPT
+    assert not connection._pending  # the confirm came before the RECEIPT
 
 
 async def test_bad_frame_after_good_ones(harness: Harness) -> None:
