@@ -9,7 +9,6 @@ import hashlib
 import json
 import os
 import platform
-import resource
 import shutil
 import signal
 import socket
@@ -18,6 +17,8 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+
+from bench.wsclient import raise_nofile
 
 __all__ = [
     "GatewayProcess",
@@ -160,10 +161,7 @@ def free_port() -> int:
 
 
 def _raise_nofile() -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    raise_nofile(200_000)  # the started gateway may hold 50,000+ connections
 
 
 class GatewayProcess:

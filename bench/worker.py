@@ -15,25 +15,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import resource
 import time
 import traceback
 from array import array
 from typing import Any
 
-from bench.wsclient import StompWsClient, open_client, send_frame_bytes
+from bench.wsclient import StompWsClient, open_client, raise_nofile, send_frame_bytes
 
 __all__ = ["NO_SUBSCRIBERS", "worker_main"]
 
+#: open files a worker asks for (the connections scenario may hold 50,000+ sockets)
+WANTED_NOFILE = 200_000
 NO_SUBSCRIBERS = 1 << 62  # progress slot value of a worker that hosts no subscriber
 monotonic_ns = time.monotonic_ns
-
-
-def raise_nofile() -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 async def sleep_until(t_ns: int) -> None:
@@ -45,6 +39,7 @@ async def sleep_until(t_ns: int) -> None:
 class Worker:
     def __init__(self, index: int, conn: Any, progress: Any) -> None:
         self.index = index
+        self.opened = 0  # connections opened by op_subscribe so far
         self.conn = conn
         self.progress = progress
         self.subs: list[StompWsClient] = []
@@ -130,7 +125,9 @@ class Worker:
                     first.append(started)
                 client: StompWsClient | None = None
                 try:
-                    client = await open_client(url, timeout=timeout)
+                    # Numbered across this worker's life, each worker in a range of its own: the source
+                    # addresses of its connections (past 20,000 on loopback) never collide with another's.
+                    client = await open_client(url, timeout=timeout, index=self.index * 1_000_000 + base + i)
                     await client.subscribe(destination, "0", timeout, sub_extra)
                 except Exception as error:  # counted and reported, never fatal for the others
                     failed += 1
@@ -142,6 +139,8 @@ class Worker:
                 ok += 1
                 last[0] = monotonic_ns()
 
+        base = self.opened
+        self.opened += count
         t0 = monotonic_ns()
         await asyncio.gather(*(one(i) for i in range(count)))
         return {"ok": ok, "failed": failed, "t_start": first[0] if first else t0, "t_end": last[0] or t0}
@@ -409,7 +408,7 @@ class Worker:
 
 
 def worker_main(index: int, conn: Any, progress: Any) -> None:
-    raise_nofile()
+    raise_nofile(WANTED_NOFILE)
     worker = Worker(index, conn, progress)
     try:
         import uvloop

@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import os
+import resource
 import time
 from array import array
 from collections.abc import Callable
@@ -348,14 +350,46 @@ class StompWsClient(asyncio.Protocol):
         self.last_arrival = 0
 
 
+#: Connections per loopback source address: the ephemeral ports of one (source, destination) pair run
+#: out near 28,000 (Linux's default 32768-60999), so more connections come from 127.0.0.2, 127.0.0.3, ...
+PER_SOURCE_ADDRESS = 20_000
+
+
+def source_address(host: str, index: int) -> str | None:
+    """The local address for the ``index``-th connection to ``host``: spread over 127.0.0.0/8 when the target
+    is on loopback (every 127.x address is local on Linux), else the system's choice."""
+    if not host.startswith("127.") or index < PER_SOURCE_ADDRESS:
+        return None
+    return f"127.0.{index // PER_SOURCE_ADDRESS // 250}.{2 + index // PER_SOURCE_ADDRESS % 250}"
+
+
+def raise_nofile(wanted: int = 0) -> None:
+    """Open-files limit of this process (and what it starts) up to ``wanted``: above the hard limit when
+    privileged (the bench raises it for itself, never for the machine), else up to the hard limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if wanted > hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, wanted))
+            return
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 async def open_client(
-    url: str, *, login: str = "guest", passcode: str = "guest", vhost: str = "/", timeout: float = 10.0
+    url: str, *, login: str = "guest", passcode: str = "guest", vhost: str = "/", timeout: float = 10.0,
+    index: int = 0,
 ) -> StompWsClient:
-    """Connect, upgrade and log in; raises :class:`StompError` or OSError/TimeoutError."""
+    """Connect, upgrade and log in; raises :class:`StompError` or OSError/TimeoutError. ``index`` numbers the
+    caller's connections, to pick a source address (:func:`source_address`)."""
     host, port, path = parse_url(url)
     loop = asyncio.get_running_loop()
+    local = source_address(host, index)
     _, client = await asyncio.wait_for(
-        loop.create_connection(lambda: StompWsClient(host, port, path), host, port), timeout
+        loop.create_connection(
+            lambda: StompWsClient(host, port, path), host, port, local_addr=(local, 0) if local else None
+        ),
+        timeout,
     )
     try:
         await asyncio.wait_for(client.handshake, timeout)
