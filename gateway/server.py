@@ -31,8 +31,8 @@ def make_broker(config: Config) -> Broker:
         return MemoryBroker(users=users)
     from gateway.broker.amqp import AmqpBroker
 
-    assert config.amqp_url is not None
-    return AmqpBroker(config.amqp_url, sessions_per_connection=config.sessions_per_connection)
+    assert config.amqp_urls
+    return AmqpBroker(config.amqp_urls, sessions_per_connection=config.sessions_per_connection)
 
 
 def _ticker_settings() -> DaemonConfig | None:

@@ -226,14 +226,16 @@ def test_gateway_commands_use_only_real_flags_and_listen_on_all_interfaces(
         assert config.host in ("0.0.0.0", "::"), f"{name}: listens on {config.host}, unreachable from outside"
         assert config.port == GATEWAY_PORT, f"{name}: listens on {config.port}"
         assert config.broker == "rabbitmq", f"{name}: runs the {config.broker} broker"
-        url = urlsplit(config.amqp_url or "")
-        assert url.hostname == "rabbitmq", config.amqp_url
+        assert config.amqp_urls, name
         # A browser's CONNECT carries no login: the default one must be a user RabbitMQ has (guest may only
         # log in from localhost, which the gateway container is not).
         user = rabbit_env.get("RABBITMQ_DEFAULT_USER", "guest")
         password = rabbit_env.get("RABBITMQ_DEFAULT_PASS", "guest")
         assert (config.default_login, config.default_passcode) == (user, password), name
-        assert (url.username, url.password) == (user, password), config.amqp_url
+        for amqp_url in config.amqp_urls:
+            url = urlsplit(amqp_url)
+            assert url.hostname == "rabbitmq", amqp_url
+            assert (url.username, url.password) == (user, password), amqp_url
 
 
 def test_gateway_healthcheck_probes_the_gateway_port(services: dict[str, dict[str, Any]]) -> None:

@@ -174,6 +174,9 @@ class Channel(abc.ABC):
 
     #: Called once when the channel closes for any reason other than :meth:`close`; the argument says why.
     on_close: Callable[[BrokerError], None] | None = None
+    #: Called with a consumer's tag when the broker cancels that consumer on its own (its queue was deleted,
+    #: or the queue's node left the cluster); the channel stays open.
+    on_cancel: Callable[[str], None] | None = None
 
     @property
     @abc.abstractmethod
