@@ -19,7 +19,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gateway import metrics
-from gateway.broker.base import Broker, BrokerError, BrokerUnavailable, Channel, ChannelClosed, Delivery
+from gateway.broker.base import (
+    Broker,
+    BrokerError,
+    BrokerUnavailable,
+    Channel,
+    ChannelClosed,
+    ConnectionLostWithNode,
+    Delivery,
+)
 from gateway.fanout import FanoutRegistry, Sink
 from gateway.metrics import TALLY
 from gateway.settings import DEFAULTS
@@ -408,9 +416,9 @@ class StompConnection:
             self._broker_failed_or_lost(error)
 
     def _broker_failed_or_lost(self, error: BrokerError) -> None:
-        """A channel or shared subscription of this session ended: a lost connection
-        (:class:`BrokerUnavailable`) may move the session to another node, anything else ends it."""
-        if not isinstance(error, BrokerUnavailable):
+        """A channel or shared subscription of this session ended: a connection lost with its node
+        (:class:`ConnectionLostWithNode`) may move the session to another node, anything else ends it."""
+        if not isinstance(error, ConnectionLostWithNode):
             self._react(self.session.broker_failed(error))
         elif self._reattaching is not None:  # one decision per loss, however many attachments report it
             self._lost_again = True
@@ -427,7 +435,7 @@ class StompConnection:
             channel = await self._own_channel()
             future = await self._hand_over(channel, action, action.receipt is not None or action.confirm)
         except BrokerError as error:
-            if not (isinstance(error, BrokerUnavailable) and self._reattaching is not None):
+            if not (isinstance(error, ConnectionLostWithNode) and self._reattaching is not None):
                 await self._fail(error, action.receipt)
                 return
             future = self.loop.create_future()  # the connection went under it: again on the next node
@@ -481,7 +489,7 @@ class StompConnection:
         error = future.exception()
         if error is None:
             outcome.set_result(None)
-        elif isinstance(error, BrokerUnavailable) and self._reattaching is not None and not self._closing:
+        elif isinstance(error, ConnectionLostWithNode) and self._reattaching is not None and not self._closing:
             self._retry_publish(action, outcome)
         else:
             outcome.set_exception(error)
@@ -670,7 +678,7 @@ class StompConnection:
             attachment = await self._attach(subscription)
         except BrokerError as error:
             failure = error
-        if isinstance(failure, BrokerUnavailable) and self._reattaching is not None:
+        if isinstance(failure, ConnectionLostWithNode) and self._reattaching is not None:
             # the connection went under the SUBSCRIBE while the session moves: once more, on the next node
             await asyncio.wait([self._reattaching])
             failure = None

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 from gateway import metrics
-from gateway.broker.base import Broker, BrokerError, BrokerUnavailable, Channel, ChannelClosed, Delivery
+from gateway.broker.base import Broker, BrokerError, Channel, ChannelClosed, ConnectionLostWithNode, Delivery
 from gateway.headers import delivery_headers
 from gateway.metrics import TALLY
 from gateway.stomp.writer import MessageTemplate
@@ -107,7 +107,7 @@ class FanoutHub:
         for group in list(self.groups.values()):
             if group.consumer_tag == consumer_tag:
                 del self.groups[(group.exchange, group.binding_key)]
-                error = BrokerUnavailable(
+                error = ConnectionLostWithNode(
                     "the queue of a shared subscription was lost", detail=f"RabbitMQ cancelled fan-out consumer {consumer_tag!r}"
                 )
                 self._drop([group], error)

@@ -51,6 +51,7 @@ from gateway.broker.base import (
     BrokerUnavailable,
     Channel,
     ChannelClosed,
+    ConnectionLostWithNode,
     DeliverCallback,
     Delivery,
     FrameTooLarge,
@@ -98,8 +99,11 @@ def _broker_error(exc: BaseException) -> BrokerError:
     if isinstance(exc, ConnectionError | OSError):
         match = _REPLY.match(text)
         if match is not None and match.group(1) in _CONNECTION_REPLY_CODES:
-            return BrokerUnavailable(f"RabbitMQ closed the gateway's connection: {_close_reason(exc)}")
-        return BrokerUnavailable(
+            text = f"RabbitMQ closed the gateway's connection: {_close_reason(exc)}"
+            if match.group(1) == "CONNECTION_FORCED":  # the node shuts down or restarts (or an operator's close)
+                return ConnectionLostWithNode(text)
+            return BrokerUnavailable(text)
+        return ConnectionLostWithNode(
             "the connection to the message broker was lost", detail=f"connection to RabbitMQ lost: {exc!r}"
         )
     match = _REPLY.match(text) if isinstance(exc, ChannelClosedByBroker) else None
@@ -235,8 +239,9 @@ class AmqpChannel(Channel):
             return
         error = _broker_error(exc) if exc is not None else ChannelClosed("channel closed by the broker")
         if not self._pooled.is_open and not isinstance(error, BrokerUnavailable):
-            # The connection went: say that, not "channel closed".
-            error = BrokerUnavailable(
+            # The connection went: say that (and why), not "channel closed".
+            reason = self._pooled.connection.error
+            error = _broker_error(reason) if reason is not None else ConnectionLostWithNode(
                 "the connection to the message broker was lost", detail=f"AMQP connection lost: {exc!r}"
             )
         self.on_close(error)
@@ -517,7 +522,8 @@ class _Pooled:
     ) -> None:
         self.connection = connection
         self.principal = principal
-        #: where the connection goes (host:port, for the log); ``on_lost`` hears of its loss
+        #: which node the connection goes to (" node 2/3", "" with one URL: for the log); ``on_lost`` hears of
+        #: its loss
         self.node = node
         self._on_lost = on_lost
         self.channels = 0
@@ -572,7 +578,7 @@ class _Pooled:
         match = _REPLY.match(text)
         if match is None or match.group(1) not in _CONNECTION_REPLY_CODES:
             logger.warning(
-                "lost a shared AMQP connection to %s (user %r, vhost %r, %d session channels on it) without a "
+                "lost a shared AMQP connection%s (user %r, vhost %r, %d session channels on it) without a "
                 "connection.close from RabbitMQ: the network or the node went away (%r)",
                 self.node,
                 self.principal.login,
@@ -582,7 +588,7 @@ class _Pooled:
             )
             return
         logger.warning(
-            "RabbitMQ at %s closed a shared AMQP connection (user %r, vhost %r, %d session channels on it): %s; "
+            "RabbitMQ%s closed a shared AMQP connection (user %r, vhost %r, %d session channels on it): %s; "
             "the last frame on it came from %s",
             self.node,
             self.principal.login,
@@ -673,6 +679,10 @@ class AmqpBroker(Broker):
         now = asyncio.get_running_loop().time()
         return sorted(order, key=lambda index: self._backoff_until[index] > now)
 
+    def _node_name(self, index: int) -> str:
+        """" node 2/3" for the log (the URL's position in --amqp-url, not its address), "" with one URL."""
+        return f" node {index + 1}/{len(self.urls)}" if len(self.urls) > 1 else ""
+
     def _node_failed(self, index: int) -> None:
         self._backoff_until[index] = asyncio.get_running_loop().time() + self.NODE_BACKOFF
 
@@ -686,7 +696,7 @@ class AmqpBroker(Broker):
                 connection = await self._connect(urls[index])
             except BrokerUnavailable as exc:
                 if len(urls) > 1:
-                    logger.warning("cannot use RabbitMQ node %s: %s", _where(urls[index]), exc.detail)
+                    logger.warning("cannot use RabbitMQ%s: %s", self._node_name(index), exc.detail)
                 self._node_failed(index)
                 failure = exc
                 continue
@@ -705,7 +715,7 @@ class AmqpBroker(Broker):
         self._monitor_lost.clear()
         connection.add_close_callback(lambda _exc: self._monitor_ended(index))
         if len(self.urls) > 1:
-            logger.info("RabbitMQ monitor connection on node %s", _where(self.urls[index]))
+            logger.info("RabbitMQ monitor connection on%s", self._node_name(index))
 
     def _monitor_ended(self, index: int) -> None:
         if not self._closing:
@@ -770,7 +780,7 @@ class AmqpBroker(Broker):
                     return pooled
             connection, index = await self._connect_spread(principal.urls)
             pooled = _Pooled(
-                connection, principal, self._idle, _where(self.urls[index]), lambda: self._node_failed(index)
+                connection, principal, self._idle, self._node_name(index), lambda: self._node_failed(index)
             )
             pool.append(pooled)
             return pooled

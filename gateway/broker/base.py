@@ -24,6 +24,7 @@ __all__ = [
     "BrokerUnavailable",
     "Channel",
     "ChannelClosed",
+    "ConnectionLostWithNode",
     "DeliverCallback",
     "Delivery",
     "FrameTooLarge",
@@ -123,6 +124,13 @@ class BrokerUnavailable(BrokerError):
     def __init__(self, text: str = "the message broker is not available", detail: str | None = None) -> None:
         super().__init__(320, "connection_forced", text)
         self.detail = detail or text
+
+
+class ConnectionLostWithNode(BrokerUnavailable):
+    """The AMQP connection went away with its node or the network (the node shut down or restarted:
+    ``connection_forced``; the socket broke; heartbeats stopped), not over anything the gateway sent: a session
+    on it may move to another node. A connection RabbitMQ closes over a frame it refused (5xx) is a plain
+    :class:`BrokerUnavailable`: moving would hide the gateway's bug, so those sessions end."""
 
 
 class ChannelClosed(BrokerError):
