@@ -45,6 +45,7 @@ from gateway.stomp.session import (
     SendFrame,
     Session,
     SessionSettings,
+    State,
     Subscribe,
     Subscription,
     Unsubscribe,
@@ -435,7 +436,7 @@ class StompConnection:
             channel = await self._own_channel()
             future = await self._hand_over(channel, action, action.receipt is not None or action.confirm)
         except BrokerError as error:
-            if not (isinstance(error, ConnectionLostWithNode) and self._reattaching is not None):
+            if not self._moving_on(error):
                 await self._fail(error, action.receipt)
                 return
             future = self.loop.create_future()  # the connection went under it: again on the next node
@@ -472,6 +473,11 @@ class StompConnection:
 
     # -- moving to another broker node --------------------------------------------------------------------
 
+    def _moving_on(self, error: BaseException) -> bool:
+        """``error`` is the loss of a connection under the session, and the session chose to move to another
+        node (:meth:`Session.broker_lost` was told of the loss first and left the session open)."""
+        return isinstance(error, ConnectionLostWithNode) and not self._closing and self.session.state is State.CONNECTED
+
     def _settled_or_retried(self, first: asyncio.Future[None], action: Publish) -> asyncio.Future[None]:
         """A future of the publish's outcome that survives a move to another node: if the connection is
         lost before the confirm while the session moves (:meth:`_reattach`), the message is published again
@@ -481,7 +487,9 @@ class StompConnection:
         return outcome
 
     def _publish_settled(self, future: asyncio.Future[None], action: Publish, outcome: asyncio.Future[None]) -> None:
-        if outcome.done():
+        if outcome.done():  # given up (the session ended)
+            if not future.cancelled():
+                future.exception()
             return
         if future.cancelled():
             outcome.cancel()
@@ -489,7 +497,7 @@ class StompConnection:
         error = future.exception()
         if error is None:
             outcome.set_result(None)
-        elif isinstance(error, ConnectionLostWithNode) and self._reattaching is not None and not self._closing:
+        elif self._moving_on(error):
             self._retry_publish(action, outcome)
         else:
             outcome.set_exception(error)
@@ -678,9 +686,10 @@ class StompConnection:
             attachment = await self._attach(subscription)
         except BrokerError as error:
             failure = error
-        if isinstance(failure, ConnectionLostWithNode) and self._reattaching is not None:
-            # the connection went under the SUBSCRIBE while the session moves: once more, on the next node
-            await asyncio.wait([self._reattaching])
+        if failure is not None and self._moving_on(failure):
+            # the connection went under the SUBSCRIBE and the session moves: once more, on the next node
+            if self._reattaching is not None:
+                await asyncio.wait([self._reattaching])
             failure = None
             try:
                 attachment = await self._attach(subscription)

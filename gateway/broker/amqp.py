@@ -783,6 +783,8 @@ class AmqpBroker(Broker):
                 connection, principal, self._idle, self._node_name(index), lambda: self._node_failed(index)
             )
             pool.append(pooled)
+            if len(self.urls) > 1:
+                logger.info("AMQP connection for user %r opened on%s", principal.login, self._node_name(index))
             return pooled
 
     async def open_channel(self, principal: Any, owner: str | None = None) -> Channel:
