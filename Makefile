@@ -67,6 +67,11 @@ up-cluster:
 bench: $(STAMP) services
 	$(PY) -m bench $(BENCH_ARGS)
 	$(PY) -m bench --scenarios pipe,fanout --gateway-arg=--workers=2 --profile none $(BENCH_ARGS)
+	$(PY) -m bench.cluster $(BENCH_CLUSTER_ARGS)
+
+# fan-out through one gateway, then two behind HAProxy, on a private 3-node RabbitMQ cluster
+bench-cluster: $(STAMP) services
+	$(PY) -m bench.cluster $(BENCH_CLUSTER_ARGS)
 
 clean:
 	rm -rf $(VENV) node_modules .pytest_cache test-artifacts
