@@ -1,6 +1,8 @@
 # make run   – the ticker at http://127.0.0.1:$(PORT)/ with the embedded broker (no RabbitMQ needed)
 # make run-tokens – the same, with tokens: anonymous visitors read the ticks, a token is needed for the rest
-# make test  – installs what the tests need (Python and Node packages, RabbitMQ, Chromium) and runs them all
+# make test  – installs what the tests need (Python and Node packages, RabbitMQ, Chromium, HAProxy) and runs them
+#              all, the cluster tests included (a private 3-node RabbitMQ cluster: about two minutes more)
+# make test-quick – the same without the cluster tests (pytest -m "not cluster")
 PORT ?= 8181
 PYTHON ?= python3
 VENV := .venv
@@ -9,7 +11,7 @@ PY := $(VENV)/bin/python
 RUN_STAMP := $(VENV)/.installed-run
 STAMP := $(VENV)/.installed
 
-.PHONY: install install-run run run-rabbitmq run-tokens test test-unit lint up bench bench-smoke services clean
+.PHONY: install install-run run run-rabbitmq run-tokens test test-quick test-unit lint up up-cluster bench bench-cluster bench-smoke services clean
 
 $(RUN_STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -56,6 +58,9 @@ services:
 test: $(STAMP) node_modules/.installed services
 	$(PY) -m pytest -q -W error::DeprecationWarning -p no:cacheprovider
 
+test-quick: $(STAMP) node_modules/.installed services
+	$(PY) -m pytest -q -W error::DeprecationWarning -p no:cacheprovider -m "not cluster"
+
 test-unit: $(STAMP)
 	$(PY) -m pytest -q tests/unit
 
@@ -66,11 +71,20 @@ lint: $(STAMP)
 up:
 	docker compose up --build
 
+# three RabbitMQ nodes, two gateways behind HAProxy (http://localhost:8080/), the stock daemon
+up-cluster:
+	docker compose -f docker-compose.cluster.yml up --build
+
 # Every scenario against one gateway process, then the two throughput scenarios with --workers 2
 # (one process per core, SO_REUSEPORT), each side by side with RabbitMQ's Web-STOMP (bench/RESULTS.md).
 bench: $(STAMP) services
 	$(PY) -m bench $(BENCH_ARGS)
 	$(PY) -m bench --scenarios pipe,fanout --gateway-arg=--workers=2 --profile none $(BENCH_ARGS)
+	$(PY) -m bench.cluster $(BENCH_CLUSTER_ARGS)
+
+# fan-out through one gateway, then two behind HAProxy, on a private 3-node RabbitMQ cluster
+bench-cluster: $(STAMP) services
+	$(PY) -m bench.cluster $(BENCH_CLUSTER_ARGS)
 
 clean:
 	rm -rf $(VENV) node_modules .pytest_cache test-artifacts

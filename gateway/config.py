@@ -170,6 +170,14 @@ def _convert(f: Any, raw: str, source: str) -> Any:
             return meta["parse"](raw)
         except ValueError as exc:  # the setting's own reader names the value and what it expected
             raise ConfigError(f"{source}: {exc}") from None
+    if meta.get("action") == "append" and kind != "list":  # a repeatable setting of another kind
+        return [_convert_one(f, part.strip(), source) for part in raw.split(",") if part.strip()]
+    return _convert_one(f, raw, source)
+
+
+def _convert_one(f: Any, raw: str, source: str) -> Any:
+    meta = f.metadata
+    kind = meta["kind"]
     try:
         if kind == "choice":
             return _choice(raw, meta["choices"])
@@ -281,9 +289,9 @@ def parse_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | N
     env = os.environ if environ is None else environ
     config = Config(**vars(build_parser(env).parse_args(argv)))
     if config.broker == "auto":
-        config.broker = "rabbitmq" if config.amqp_url else "memory"
-    if config.broker == "rabbitmq" and not config.amqp_url:
-        config.amqp_url = "amqp://guest:guest@127.0.0.1:5672/"
+        config.broker = "rabbitmq" if config.amqp_urls else "memory"
+    if config.broker == "rabbitmq" and not config.amqp_urls:
+        config.amqp_urls = ["amqp://guest:guest@127.0.0.1:5672/"]
     _check(config, env)
     return config
 

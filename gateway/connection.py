@@ -11,6 +11,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -18,7 +19,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gateway import metrics
-from gateway.broker.base import Broker, BrokerError, Channel, ChannelClosed, Delivery
+from gateway.broker.base import (
+    Broker,
+    BrokerError,
+    BrokerUnavailable,
+    Channel,
+    ChannelClosed,
+    ConnectionLostWithNode,
+    Delivery,
+)
 from gateway.continuity import Conflator, HandOver
 from gateway.fanout import FanoutRegistry, Sink
 from gateway.limits import TokenBucket
@@ -35,9 +44,11 @@ from gateway.stomp.session import (
     Disconnect,
     ExpireAt,
     Publish,
+    Reattach,
     SendFrame,
     Session,
     SessionSettings,
+    State,
     Subscribe,
     Subscription,
     Unsubscribe,
@@ -194,12 +205,46 @@ class StompConnection:
 
     # Slots: a gateway holds tens of thousands of these (an instance dict would be 1.5 KiB of each).
     __slots__ = (
-        "_attachments", "_background", "_bucket", "_channel", "_closing", "_confirming", "_declared",
-        "_exclusive_queues", "_expiry", "_last_subscribe", "_login_timer", "_own_channel_lock",
-        "_own_subscribe_lock", "_pending", "_principal", "_receiving", "_reply_queues", "_session_gauge",
-        "_subscribing", "_tasks", "broker", "close_reason", "debug", "ended", "frames_in", "frames_out",
-        "handshake", "last_received", "last_sent", "loop", "messages_out", "peer", "registry", "session",
-        "settings", "started", "transport",
+        "_attachments",
+        "_background",
+        "_bucket",
+        "_channel",
+        "_closing",
+        "_confirming",
+        "_declared",
+        "_exclusive_queues",
+        "_expiry",
+        "_last_subscribe",
+        "_login_timer",
+        "_lost_again",
+        "_own_channel_lock",
+        "_own_subscribe_lock",
+        "_pending",
+        "_principal",
+        "_reattaching",
+        "_receiving",
+        "_reply_queues",
+        "_republish",
+        "_session_gauge",
+        "_subscribing",
+        "_tasks",
+        "broker",
+        "close_reason",
+        "debug",
+        "ended",
+        "frames_in",
+        "frames_out",
+        "handshake",
+        "last_received",
+        "last_sent",
+        "loop",
+        "messages_out",
+        "peer",
+        "registry",
+        "session",
+        "settings",
+        "started",
+        "transport",
     )
 
     def __init__(
@@ -258,6 +303,11 @@ class StompConnection:
             settings.login_timeout, self._login_timed_out
         )
         self._tasks: list[asyncio.Task[None]] = []
+        #: set while the session moves to another broker node (:meth:`_reattach`); ``_lost_again``: another
+        #: attachment was lost meanwhile; ``_republish``: publishes whose confirm went with the connection
+        self._reattaching: asyncio.Future[None] | None = None
+        self._lost_again = False
+        self._republish: list[tuple[Publish, asyncio.Future[None]]] = []
 
     # -- input ------------------------------------------------------------------------------------------
 
@@ -366,6 +416,8 @@ class StompConnection:
                 await self._disconnect(action)
             elif isinstance(action, Close):
                 await self._close(action.error)
+            elif isinstance(action, Reattach):
+                await self._reattach(action)
             if self._closing:
                 return
 
@@ -501,40 +553,186 @@ class StompConnection:
 
     def _channel_closed(self, error: BrokerError) -> None:
         if not self._closing:
+            self._broker_failed_or_lost(error)
+
+    def _broker_failed_or_lost(self, error: BrokerError) -> None:
+        """A channel or shared subscription of this session ended: a connection lost with its node
+        (:class:`ConnectionLostWithNode`) may move the session to another node, anything else ends it."""
+        if not isinstance(error, ConnectionLostWithNode):
             self._react(self.session.broker_failed(error))
+        elif self._reattaching is not None:  # one decision per loss, however many attachments report it
+            self._lost_again = True
+        else:
+            actions = self.session.broker_lost(error)
+            if any(isinstance(action, Reattach) for action in actions):
+                self._reattaching = self.loop.create_future()
+            self._spawn(self._run(actions, in_order=False))
 
     # -- SEND -------------------------------------------------------------------------------------------
 
     async def _publish(self, action: Publish) -> None:
         try:
             channel = await self._own_channel()
-            declaration = action.declare
-            if declaration is not None and declaration.name not in self._declared:
-                await channel.declare_queue(
-                    declaration.name,
-                    durable=declaration.durable,
-                    exclusive=declaration.exclusive,
-                    auto_delete=declaration.auto_delete,
-                    arguments=declaration.arguments,
-                )
-                self._declared[declaration.name] = None
-                if declaration.exclusive:
-                    self._exclusive_queues[declaration.name] = None
-            if action.temp_queue is not None and action.reply_subscription is not None:
-                action.properties.reply_to = await self._reply_queue(channel, action.reply_subscription)
-            if (action.receipt is not None or action.confirm) and not self._confirming:
-                await channel.enable_confirms()
-                self._confirming = True
-            future = channel.start_publish(
-                action.exchange, action.routing_key, action.body, action.properties
-            )
+            future = await self._hand_over(channel, action, action.receipt is not None or action.confirm)
         except BrokerError as error:
-            await self._fail(error, action.receipt)
-            return
+            if not self._moving_on(error):
+                await self._fail(error, action.receipt)
+                return
+            future = self.loop.create_future()  # the connection went under it: again on the next node
+            self._retry_publish(action, future)
+        else:
+            if self._confirming and not future.done():
+                future = self._settled_or_retried(future, action)
         TALLY.messages_published += 1
         self._pending[future] = None
         future.add_done_callback(lambda f: self._confirmed(f, action.receipt))
         await channel.drain()
+
+    async def _hand_over(self, channel: Channel, action: Publish, confirm: bool) -> asyncio.Future[None]:
+        """Declare what the publish needs (once per channel), then publish; the future resolves at the
+        broker's confirm once ``confirm`` turned confirms on for the channel."""
+        declaration = action.declare
+        if declaration is not None and declaration.name not in self._declared:
+            await channel.declare_queue(
+                declaration.name,
+                durable=declaration.durable,
+                exclusive=declaration.exclusive,
+                auto_delete=declaration.auto_delete,
+                arguments=declaration.arguments,
+            )
+            self._declared[declaration.name] = None
+            if declaration.exclusive:
+                self._exclusive_queues[declaration.name] = None
+        if action.temp_queue is not None and action.reply_subscription is not None:
+            action.properties.reply_to = await self._reply_queue(channel, action.reply_subscription)
+        if confirm and not self._confirming:
+            await channel.enable_confirms()
+            self._confirming = True
+        return channel.start_publish(action.exchange, action.routing_key, action.body, action.properties)
+
+    # -- moving to another broker node --------------------------------------------------------------------
+
+    def _moving_on(self, error: BaseException) -> bool:
+        """``error`` is the loss of a connection under the session, and the session chose to move to another
+        node (:meth:`Session.broker_lost` was told of the loss first and left the session open)."""
+        return isinstance(error, ConnectionLostWithNode) and not self._closing and self.session.state is State.CONNECTED
+
+    def _settled_or_retried(self, first: asyncio.Future[None], action: Publish) -> asyncio.Future[None]:
+        """A future of the publish's outcome that survives a move to another node: if the connection is
+        lost before the confirm while the session moves (:meth:`_reattach`), the message is published again
+        there (at least once: it may have reached the queue before the loss)."""
+        outcome: asyncio.Future[None] = self.loop.create_future()
+        first.add_done_callback(lambda f: self._publish_settled(f, action, outcome))
+        return outcome
+
+    def _publish_settled(self, future: asyncio.Future[None], action: Publish, outcome: asyncio.Future[None]) -> None:
+        if outcome.done():  # given up (the session ended)
+            if not future.cancelled():
+                future.exception()
+            return
+        if future.cancelled():
+            outcome.cancel()
+            return
+        error = future.exception()
+        if error is None:
+            outcome.set_result(None)
+        elif self._moving_on(error):
+            self._retry_publish(action, outcome)
+        else:
+            outcome.set_exception(error)
+
+    def _retry_publish(self, action: Publish, outcome: asyncio.Future[None]) -> None:
+        self._republish.append((action, outcome))
+        if len(self._republish) == 1:
+            self._spawn(self._republish_all())
+
+    async def _republish_all(self) -> None:
+        """Publish again, in their order, the messages whose confirm the lost connection took with it."""
+        await asyncio.sleep(0)  # the other failures of the same loss join this batch
+        while self._republish and not self._closing:
+            batch, self._republish = self._republish, []
+            for action, outcome in batch:
+                try:
+                    channel = await self._own_channel()
+                    future = await self._hand_over(channel, action, True)
+                except BrokerError as error:
+                    if not outcome.done():
+                        outcome.set_exception(error)
+                    continue
+                metrics.REPUBLISHED.inc()
+                future.add_done_callback(functools.partial(self._publish_settled, action=action, outcome=outcome))
+        for _action, outcome in self._republish:
+            if not outcome.done():
+                outcome.set_exception(ChannelClosed("session closed"))
+        self._republish.clear()
+
+    async def _reattach(self, action: Reattach) -> None:
+        """Move the session's broker side to another node: a new channel with the consumers of its own
+        subscriptions (their queues declared and bound again), its shared subscriptions joined again (the
+        fan-out group is re-created on first use). Runs again if a connection is lost meanwhile; a failure
+        ends the session as any broker failure does."""
+        started = self.loop.time()
+        moved = 0
+        try:
+            while not self._closing:
+                self._lost_again = False
+                moved += await self._reattach_once()
+                if not self._lost_again:
+                    break
+        except BrokerError as error:
+            self._finish_reattach()
+            logger.warning("session %s could not move to another node: %s", self.session.id, error)
+            await self._fail(error, in_order=False)
+            return
+        self._finish_reattach()
+        metrics.SESSIONS_MOVED.inc()
+        logger.info(
+            "session %s moved to another broker node in %.0f ms (%d subscriptions re-attached) after: %s",
+            self.session.id,
+            (self.loop.time() - started) * 1000,
+            moved,
+            action.error.detail if isinstance(action.error, BrokerUnavailable) else action.error.text,
+            extra={"fields": {"session": self.session.id, "peer": self.peer}},
+        )
+
+    def _finish_reattach(self) -> None:
+        done, self._reattaching = self._reattaching, None
+        if done is not None and not done.done():
+            done.set_result(None)
+
+    async def _reattach_once(self) -> int:
+        """Re-attach what the loss took: every own consumer if the session's channel went, every shared
+        subscription whose group went. Returns how many were re-attached."""
+        own_lost = self._channel is not None and not self._channel.is_open
+        if own_lost:
+            self._channel = None
+        moved = 0
+        for key, attachment in list(self._attachments.items()):
+            if self._closing or self._attachments.get(key) is not attachment:
+                continue
+            subscription = attachment.subscription
+            if isinstance(attachment, _Shared):
+                if attachment.sink.group is not None:
+                    continue
+                plan = subscription.plan
+                assert plan.exchange is not None
+                hub = self.registry.hub_for(self._principal)
+                await hub.attach(plan.exchange, plan.binding_key, attachment.sink)
+                if self._attachments.get(key) is not attachment:  # unsubscribed meanwhile
+                    await hub.detach(attachment.sink)
+                    continue
+            else:
+                if not own_lost:
+                    continue
+                consumer = await self._attach(subscription)
+                if consumer is None:
+                    continue
+                if self.session.subscriptions.get(subscription.key) is not subscription:
+                    self._attachments.pop(key, None)  # unsubscribed meanwhile
+                    continue
+                consumer.start()
+            moved += 1
+        return moved
 
     def _confirmed(self, future: asyncio.Future[None], receipt: Frame | None) -> None:
         self._pending.pop(future, None)
@@ -597,7 +795,7 @@ class StompConnection:
 
         def on_error(error: BrokerError) -> None:
             if not self._closing:
-                self._react(self.session.broker_failed(error))
+                self._broker_failed_or_lost(error)
 
         def release() -> None:
             nonlocal held
@@ -706,6 +904,15 @@ class StompConnection:
             attachment = await self._attach(subscription)
         except BrokerError as error:
             failure = error
+        if failure is not None and self._moving_on(failure):
+            # the connection went under the SUBSCRIBE and the session moves: once more, on the next node
+            if self._reattaching is not None:
+                await asyncio.wait([self._reattaching])
+            failure = None
+            try:
+                attachment = await self._attach(subscription)
+            except BrokerError as error:
+                failure = error
         if previous is not None and not previous.done():
             await asyncio.wait([previous])  # the RECEIPTs go out in the order of the SUBSCRIBEs
         if self._closing:

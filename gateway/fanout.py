@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gateway import metrics
-from gateway.broker.base import Broker, BrokerError, Channel, ChannelClosed, Delivery
+from gateway.broker.base import Broker, BrokerError, Channel, ChannelClosed, ConnectionLostWithNode, Delivery
 from gateway.continuity import ContinuityRequest, HandOver, History, RetainedMap, is_literal, topic_matcher
 from gateway.headers import delivery_headers
 from gateway.metrics import TALLY
@@ -315,8 +315,20 @@ class FanoutHub:
             if self._channel is None or not self._channel.is_open:
                 channel = await self.broker.open_channel(self.principal)
                 channel.on_close = self._channel_closed
+                channel.on_cancel = self._consumer_cancelled
                 self._channel = channel
             return self._channel
+
+    def _consumer_cancelled(self, consumer_tag: str) -> None:
+        """RabbitMQ cancelled a group's consumer: its queue is gone (deleted, or it lived on a node that left
+        the cluster). Its sinks hear it as a lost connection, so their sessions may attach again (a new
+        group, a new queue on a live node)."""
+        for group in list(self.groups.values()):
+            if group.consumer_tag == consumer_tag:
+                error = ConnectionLostWithNode(
+                    "the queue of a shared subscription was lost", detail=f"RabbitMQ cancelled fan-out consumer {consumer_tag!r}"
+                )
+                self._group_lost(group, error)
 
     def _channel_closed(self, error: BrokerError) -> None:
         """The shared channel died (connection lost, broker restart): every sink of a group consuming on it

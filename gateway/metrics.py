@@ -73,6 +73,12 @@ TOKENS_EXPIRED = _counter("tokens_expired", "Sessions ended because their token 
 AMQP_CONNECTIONS = _gauge("amqp_connections", "Pooled AMQP connections open to RabbitMQ")
 AMQP_CHANNELS = _gauge("amqp_channels", "AMQP channels open (sessions' own and shared fan-out)")
 BROKER_RECONNECTS = _counter("broker_reconnects", "Times the connection to the broker was restored")
+SESSIONS_MOVED = _counter(
+    "sessions_moved", "Sessions moved to another broker node after their AMQP connection was lost"
+)
+REPUBLISHED = _counter(
+    "republished_messages", "Messages published again on another node because the lost connection took their confirm"
+)
 BROKER_UP = _gauge("broker_up", "1 while the broker is reachable (the lowest over the workers)", mode="livemin")
 FANOUT_GROUPS = _gauge("fanout_groups", "Shared fan-out groups (one broker consumer each)")
 FANOUT_SUBSCRIBERS = _gauge("fanout_subscribers", "Subscriptions served by shared fan-out groups")

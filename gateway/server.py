@@ -36,8 +36,8 @@ def make_broker(config: Config) -> Broker:
         return MemoryBroker(users=users)
     from gateway.broker.amqp import AmqpBroker
 
-    assert config.amqp_url is not None
-    return AmqpBroker(config.amqp_url, sessions_per_connection=config.sessions_per_connection)
+    assert config.amqp_urls
+    return AmqpBroker(config.amqp_urls, sessions_per_connection=config.sessions_per_connection)
 
 
 def _ticker_settings() -> DaemonConfig | None:
@@ -51,12 +51,12 @@ def _ticker_settings() -> DaemonConfig | None:
 
 
 def _gateway_credentials(config: Config) -> tuple[str, str]:
-    """The broker login of token and anonymous sessions: the user of ``--amqp-url``, or the default login
-    of the embedded broker."""
-    if config.broker == "rabbitmq" and config.amqp_url:
+    """The broker login of token and anonymous sessions: the user of the first ``--amqp-url`` (the nodes of
+    one cluster share their users), or the default login of the embedded broker."""
+    if config.broker == "rabbitmq" and config.amqp_urls:
         from gateway.broker.amqp import credentials_from_url
 
-        login, passcode, _ = credentials_from_url(config.amqp_url)
+        login, passcode, _ = credentials_from_url(config.amqp_urls[0])
         return login, passcode
     return config.default_login, config.default_passcode
 

@@ -49,7 +49,8 @@ def setting(
 
     ``kind`` says how text becomes a value (see :data:`KINDS`; by default ``bool``/``int``/``list`` from the
     default, ``choice`` with ``choices``, else ``text``); ``minimum`` bounds an ``int`` (None: unbounded).
-    ``parse`` replaces the kind's reader: it raises ``ValueError`` whose message names the bad value and
+    A list default makes any kind repeatable (each value read with the kind's reader). ``parse`` replaces
+    the kind's reader: it raises ``ValueError`` whose message names the bad value and
     what was expected (it follows the flag or variable in the error line). ``show`` formats the default for
     ``--help`` and the README; ``metavar`` names the value in ``--help``. A list or dict default is copied
     for each instance.
@@ -70,7 +71,7 @@ def setting(
     meta: dict[str, Any] = {"flag": flag, "env": env, "help": help, "kind": kind, "minimum": minimum}
     if choices is not None:
         meta["choices"] = tuple(choices)
-    if kind == "list":
+    if kind == "list" or isinstance(default, list):  # repeatable; the variable takes a comma-separated list
         meta["action"] = "append"
     for key, value in (("parse", parse), ("show", show), ("metavar", metavar)):
         if value is not None:
@@ -171,12 +172,14 @@ class Config:
         "'rabbitmq', 'memory' (embedded, nothing survives a restart) or 'auto': rabbitmq when an AMQP URL is set",
         choices=["auto", "rabbitmq", "memory"],
     )
-    amqp_url: str | None = setting(
-        None,
+    amqp_urls: list[str] = setting(
+        [],
         "--amqp-url",
         "AMQP_URL",
-        "RabbitMQ URL, amqp:// or amqps://, e.g. amqp://guest:guest@127.0.0.1:5672/ (selects RabbitMQ)",
+        "RabbitMQ URL, amqp:// or amqps://, e.g. amqp://guest:guest@127.0.0.1:5672/ (selects RabbitMQ); "
+        "repeatable (env: comma-separated), one per node of a cluster: connections spread over the reachable ones",
         kind="url",
+        metavar="URL",
     )
     default_login: str = setting("guest", "--default-login", "GATEWAY_DEFAULT_LOGIN", "login for CONNECT without one")
     default_passcode: str = setting(
@@ -357,6 +360,14 @@ class Config:
         "--sessions-per-connection",
         "GATEWAY_SESSIONS_PER_CONNECTION",
         "STOMP sessions sharing one AMQP connection",
+    )
+    queue_type: str = setting(
+        "classic",
+        "--queue-type",
+        "GATEWAY_QUEUE_TYPE",
+        "type of the queues /queue destinations declare (an x-queue-type header wins); quorum queues keep their "
+        "messages across the loss of a minority of a cluster's nodes",
+        choices=["classic", "quorum"],
     )
     shared_fanout: bool = setting(
         True,

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Make sure the test suite's real parts exist: RabbitMQ (installed and running on 127.0.0.1:5672) and
-# Debian's Chromium. Installs with apt-get when missing (the machines run as root).
+# Make sure the test suite's real parts exist: RabbitMQ (installed and running on 127.0.0.1:5672), Debian's
+# Chromium, and Debian's HAProxy (the cluster tests put it in front of two gateways; they start their own
+# RabbitMQ nodes with the rabbitmq-server scripts and never touch the one on 5672). Installs with apt-get when
+# missing (the machines run as root).
 set -euo pipefail
 
 apt_updated=0
@@ -26,6 +28,10 @@ fi
 if ! command -v chromium >/dev/null 2>&1; then
   echo "installing chromium"
   apt_install chromium
+fi
+if ! command -v haproxy >/dev/null 2>&1 && [[ ! -x /usr/sbin/haproxy ]]; then
+  echo "installing haproxy"
+  apt_install haproxy
 fi
 if ! command -v docker-compose >/dev/null 2>&1; then
   echo "installing docker-compose (used only to validate docker-compose.yml)"

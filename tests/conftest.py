@@ -32,7 +32,7 @@ def make_config(backend: str, **overrides: object) -> Config:
         port=0,
         tcp_port=0,
         broker=backend,
-        amqp_url=AMQP_URL if backend == "rabbitmq" else None,
+        amqp_urls=[AMQP_URL] if backend == "rabbitmq" else [],
         web_root=None,
     )
     for key, value in overrides.items():

@@ -226,14 +226,16 @@ def test_gateway_commands_use_only_real_flags_and_listen_on_all_interfaces(
         assert config.host in ("0.0.0.0", "::"), f"{name}: listens on {config.host}, unreachable from outside"
         assert config.port == GATEWAY_PORT, f"{name}: listens on {config.port}"
         assert config.broker == "rabbitmq", f"{name}: runs the {config.broker} broker"
-        url = urlsplit(config.amqp_url or "")
-        assert url.hostname == "rabbitmq", config.amqp_url
+        assert config.amqp_urls, name
         # A browser's CONNECT carries no login: the default one must be a user RabbitMQ has (guest may only
         # log in from localhost, which the gateway container is not).
         user = rabbit_env.get("RABBITMQ_DEFAULT_USER", "guest")
         password = rabbit_env.get("RABBITMQ_DEFAULT_PASS", "guest")
         assert (config.default_login, config.default_passcode) == (user, password), name
-        assert (url.username, url.password) == (user, password), config.amqp_url
+        for amqp_url in config.amqp_urls:
+            url = urlsplit(amqp_url)
+            assert url.hostname == "rabbitmq", amqp_url
+            assert (url.username, url.password) == (user, password), amqp_url
 
 
 def test_gateway_healthcheck_probes_the_gateway_port(services: dict[str, dict[str, Any]]) -> None:
@@ -363,3 +365,80 @@ def test_no_make_target_prints_a_password() -> None:
         assert not any(
             "s3cretpw" in line or "${AMQP_URL" in line or "$AMQP_URL" in line for line in echoed
         ), (target, echoed)
+
+
+# --- docker-compose.cluster.yml: three RabbitMQ nodes, two gateways, HAProxy, the stock daemon ----------------
+
+CLUSTER_FILE = ROOT / "docker-compose.cluster.yml"
+HAPROXY_CONFIG = ROOT / "deploy" / "haproxy.cfg"
+RABBIT_NODES = ("rabbitmq-1", "rabbitmq-2", "rabbitmq-3")
+
+
+@pytest.fixture(scope="module")
+def cluster_services() -> dict[str, dict[str, Any]]:
+    result = subprocess.run(
+        [_docker_compose(), "-f", str(CLUSTER_FILE), "config"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert result.returncode == 0, f"docker-compose config failed for {CLUSTER_FILE.name}:\n{result.stderr}"
+    data = _yaml_to_data(result.stdout)
+    return data["services"]  # type: ignore[no-any-return]
+
+
+def test_the_cluster_file_has_three_nodes_two_gateways_a_balancer_and_the_daemon(
+    cluster_services: dict[str, dict[str, Any]],
+) -> None:
+    assert {*RABBIT_NODES, "gateway-1", "gateway-2", "balancer", "stock-daemon"} <= set(cluster_services)
+    cookies = {environment_of(cluster_services[name]).get("RABBITMQ_ERLANG_COOKIE") for name in RABBIT_NODES}
+    assert len(cookies) == 1 and None not in cookies, "the nodes must share one Erlang cookie to cluster"
+    for name in RABBIT_NODES:
+        erl_args = environment_of(cluster_services[name]).get("RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS", "")
+        assert all(f"rabbit@{node}" in erl_args for node in RABBIT_NODES), (name, erl_args)
+        assert cluster_services[name].get("hostname") == name
+
+
+def test_every_gateway_of_the_cluster_knows_every_node_and_declares_quorum_queues(
+    cluster_services: dict[str, dict[str, Any]],
+) -> None:
+    commands = _commands(cluster_services, GATEWAY_SCRIPT)
+    assert {name for name, _, _ in commands} == {"gateway-1", "gateway-2"}
+    for name, argv, env in commands:
+        config = parse_strictly(lambda a, env=env: gateway_config.parse_args(a, environ=env), argv[1:], name)
+        assert sorted(urlsplit(url).hostname for url in config.amqp_urls) == list(RABBIT_NODES), name
+        assert config.queue_type == "quorum", name
+        assert config.host == "0.0.0.0" and config.port == GATEWAY_PORT, name
+        depends = cluster_services[name].get("depends_on") or {}
+        assert all(depends.get(node, {}).get("condition") == "service_healthy" for node in RABBIT_NODES), depends
+        healthcheck = " ".join(cluster_services[name]["healthcheck"]["test"])
+        assert f"127.0.0.1:{GATEWAY_PORT}/readyz" in healthcheck, name
+    images = {cluster_services[name]["image"] for name in ("gateway-1", "gateway-2", "stock-daemon")}
+    assert len(images) == 1, images
+
+
+def test_the_balancer_runs_the_repositorys_haproxy_config_against_both_gateways(
+    cluster_services: dict[str, dict[str, Any]],
+) -> None:
+    balancer = cluster_services["balancer"]
+    mounts = [v if isinstance(v, str) else f"{v.get('source')}:{v.get('target')}" for v in balancer.get("volumes", [])]
+    assert any(str(HAPROXY_CONFIG) in mount and mount.split(":")[1].endswith("haproxy.cfg") for mount in mounts), mounts
+    env = environment_of(balancer)
+    assert env["GATEWAY_1"] == f"gateway-1:{GATEWAY_PORT}" and env["GATEWAY_2"] == f"gateway-2:{GATEWAY_PORT}", env
+    bind_port = int(env["HAPROXY_BIND"].rsplit(":", 1)[1])
+    assert bind_port in _published(balancer), balancer.get("ports")
+    assert balancer.get("stop_signal") == "SIGUSR1", "HAProxy stops gracefully (drains) on SIGUSR1"
+
+
+def test_the_haproxy_config_is_websocket_aware_and_checks_readyz() -> None:
+    text = HAPROXY_CONFIG.read_text()
+    assert re.search(r"^\s*option httpchk GET /readyz\s*$", text, re.MULTILINE), "health check on /readyz"
+    assert re.search(r"^\s*timeout tunnel\s+\S+", text, re.MULTILINE), "WebSocket tunnels need timeout tunnel"
+    assert re.search(r"^\s*mode http\s*$", text, re.MULTILINE)
+    assert re.search(r"^\s*hard-stop-after\s+\S+", text, re.MULTILINE), "a soft stop drains for a bounded time"
+    haproxy = shutil.which("haproxy") or ("/usr/sbin/haproxy" if os.path.exists("/usr/sbin/haproxy") else None)
+    if haproxy is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("haproxy is not installed (make test installs Debian's haproxy)")
+        pytest.skip("haproxy is not installed: its own check of the config did not run")
+    env = {**os.environ, "HAPROXY_BIND": "127.0.0.1:8080", "GATEWAY_1": "127.0.0.1:8181", "GATEWAY_2": "127.0.0.1:8182"}
+    checked = subprocess.run([haproxy, "-c", "-f", str(HAPROXY_CONFIG)], capture_output=True, text=True, env=env, check=False)
+    assert checked.returncode == 0, checked.stdout + checked.stderr

@@ -18,8 +18,8 @@ import hashlib
 import logging
 import re
 import secrets
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit
 
@@ -51,6 +51,7 @@ from gateway.broker.base import (
     BrokerUnavailable,
     Channel,
     ChannelClosed,
+    ConnectionLostWithNode,
     DeliverCallback,
     Delivery,
     FrameTooLarge,
@@ -98,8 +99,11 @@ def _broker_error(exc: BaseException) -> BrokerError:
     if isinstance(exc, ConnectionError | OSError):
         match = _REPLY.match(text)
         if match is not None and match.group(1) in _CONNECTION_REPLY_CODES:
-            return BrokerUnavailable(f"RabbitMQ closed the gateway's connection: {_close_reason(exc)}")
-        return BrokerUnavailable(
+            text = f"RabbitMQ closed the gateway's connection: {_close_reason(exc)}"
+            if match.group(1) == "CONNECTION_FORCED":  # the node shuts down or restarts (or an operator's close)
+                return ConnectionLostWithNode(text)
+            return BrokerUnavailable(text)
+        return ConnectionLostWithNode(
             "the connection to the message broker was lost", detail=f"connection to RabbitMQ lost: {exc!r}"
         )
     match = _REPLY.match(text) if isinstance(exc, ChannelClosedByBroker) else None
@@ -196,12 +200,13 @@ def _from_properties(props: spec.Basic.Properties) -> MessageProperties:
 
 @dataclass(frozen=True, slots=True)
 class Principal:
-    """An authenticated (user, vhost). ``key`` selects the shared connections."""
+    """An authenticated (user, vhost). ``key`` selects the shared connections; ``urls`` (one per broker node,
+    with the passcode: never logged) reach the nodes as this user."""
 
     login: str
     vhost: str
     key: tuple[str, str, str]
-    url: str
+    urls: tuple[str, ...] = field(repr=False)
 
 
 class AmqpChannel(Channel):
@@ -219,6 +224,11 @@ class AmqpChannel(Channel):
         #: frame type, channel, size and frame-end)
         self.max_payload = (pooled.connection.frame_max or 2**32) - 8
         channel.on_closed = self._closing_done
+        channel.on_cancelled = self._cancelled_by_broker
+
+    def _cancelled_by_broker(self, consumer_tag: str) -> None:
+        if self.on_cancel is not None:
+            self.on_cancel(consumer_tag)
 
     def _closing_done(self, exc: BaseException | None) -> None:
         self._pooled.release()
@@ -229,8 +239,9 @@ class AmqpChannel(Channel):
             return
         error = _broker_error(exc) if exc is not None else ChannelClosed("channel closed by the broker")
         if not self._pooled.is_open and not isinstance(error, BrokerUnavailable):
-            # The connection went: say that, not "channel closed".
-            error = BrokerUnavailable(
+            # The connection went: say that (and why), not "channel closed".
+            reason = self._pooled.connection.error
+            error = _broker_error(reason) if reason is not None else ConnectionLostWithNode(
                 "the connection to the message broker was lost", detail=f"AMQP connection lost: {exc!r}"
             )
         self.on_close(error)
@@ -501,9 +512,20 @@ def _ignore_result(future: asyncio.Future[Any]) -> None:
 class _Pooled:
     """One shared AMQP connection: its channel count and numbers, the exclusive queues of its sessions."""
 
-    def __init__(self, connection: AmqpConnection, principal: Principal, on_idle: Callable[[_Pooled], None]) -> None:
+    def __init__(
+        self,
+        connection: AmqpConnection,
+        principal: Principal,
+        on_idle: Callable[[_Pooled], None],
+        node: str = "",
+        on_lost: Callable[[], None] | None = None,
+    ) -> None:
         self.connection = connection
         self.principal = principal
+        #: which node the connection goes to (" node 2/3", "" with one URL: for the log); ``on_lost`` hears of
+        #: its loss
+        self.node = node
+        self._on_lost = on_lost
         self.channels = 0
         #: hands out channel numbers and keeps closing channels' frames off the wire
         self.gate = connection.gate
@@ -550,12 +572,15 @@ class _Pooled:
         metrics.AMQP_CONNECTIONS.dec()
         if self.closed_by_us:
             return
+        if self._on_lost is not None:
+            self._on_lost()
         text = str(exc.args[0]) if exc.args and exc.args[0] is not None else ""
         match = _REPLY.match(text)
         if match is None or match.group(1) not in _CONNECTION_REPLY_CODES:
             logger.warning(
-                "lost a shared AMQP connection (user %r, vhost %r, %d session channels on it) without a "
+                "lost a shared AMQP connection%s (user %r, vhost %r, %d session channels on it) without a "
                 "connection.close from RabbitMQ: the network or the node went away (%r)",
+                self.node,
                 self.principal.login,
                 self.principal.vhost,
                 self.channels,
@@ -563,8 +588,9 @@ class _Pooled:
             )
             return
         logger.warning(
-            "RabbitMQ closed a shared AMQP connection (user %r, vhost %r, %d session channels on it): %s; "
+            "RabbitMQ%s closed a shared AMQP connection (user %r, vhost %r, %d session channels on it): %s; "
             "the last frame on it came from %s",
+            self.node,
             self.principal.login,
             self.principal.vhost,
             self.channels,
@@ -574,25 +600,46 @@ class _Pooled:
 
 
 class AmqpBroker(Broker):
-    """RabbitMQ, reached at ``url``. ``url``'s credentials are the monitor's, not the sessions'."""
+    """RabbitMQ, reached at ``urls``: one URL, or one per node of a cluster. The URLs' credentials are the
+    monitor's, not the sessions'.
+
+    Several nodes: each new AMQP connection goes to the next node in turn (nodes that just failed last), so
+    the pooled connections spread over the reachable nodes; a connection that cannot be made moves on to the
+    next node. The monitor connection moves to another node when its node goes, so ``/readyz`` stays ready
+    while any node is reachable. What happens to the sessions of a lost connection is the connection layer's
+    business (:meth:`gateway.stomp.session.Session.broker_lost`).
+    """
 
     kind = "rabbitmq"
     #: Seconds for the TCP connect and the AMQP handshake of one connection.
     CONNECT_TIMEOUT = 10.0
     #: Seconds an AMQP connection without channels stays open for the next session of its user.
     IDLE_CLOSE = 30.0
+    #: Seconds a node whose connection failed or was lost is tried only after the others.
+    NODE_BACKOFF = 5.0
 
-    def __init__(self, url: str, *, sessions_per_connection: int = 500, heartbeat: int = 15) -> None:
-        self.url = url
+    def __init__(self, urls: str | Sequence[str], *, sessions_per_connection: int = 500, heartbeat: int = 15) -> None:
+        self.urls = [urls] if isinstance(urls, str) else list(urls)
+        if not self.urls:
+            raise ValueError("AmqpBroker needs at least one AMQP URL")
         self.sessions_per_connection = sessions_per_connection
         self.heartbeat = heartbeat
         self._salt = secrets.token_bytes(16)
         self._pools: dict[tuple[str, str, str], list[_Pooled]] = {}
         self._locks: dict[tuple[str, str, str], asyncio.Lock] = {}
         self._monitor: AmqpConnection | None = None
+        self._monitor_lost = asyncio.Event()
         self._monitor_task: asyncio.Task[None] | None = None
         self._closing = False
         self._idle_tasks: set[asyncio.Future[None]] = set()
+        #: round-robin position of the next connection, and per node the time before which it goes last
+        self._next_node = 0
+        self._backoff_until = [0.0] * len(self.urls)
+
+    @property
+    def url(self) -> str:
+        """The first node's URL (with the monitor's credentials)."""
+        return self.urls[0]
 
     @property
     def is_available(self) -> bool:
@@ -623,24 +670,72 @@ class AmqpBroker(Broker):
                 detail=f"cannot reach RabbitMQ at {_where(url)}: {exc or type(exc).__name__}",
             ) from exc
 
+    def _node_order(self) -> list[int]:
+        """The nodes to try for the next connection: round-robin from the next one, nodes that failed in the
+        last :attr:`NODE_BACKOFF` seconds last."""
+        count = len(self.urls)
+        first, self._next_node = self._next_node, (self._next_node + 1) % count
+        order = [(first + step) % count for step in range(count)]
+        now = asyncio.get_running_loop().time()
+        return sorted(order, key=lambda index: self._backoff_until[index] > now)
+
+    def _node_name(self, index: int) -> str:
+        """" node 2/3" for the log (the URL's position in --amqp-url, not its address), "" with one URL."""
+        return f" node {index + 1}/{len(self.urls)}" if len(self.urls) > 1 else ""
+
+    def _node_failed(self, index: int) -> None:
+        self._backoff_until[index] = asyncio.get_running_loop().time() + self.NODE_BACKOFF
+
+    async def _connect_spread(self, urls: Sequence[str]) -> tuple[AmqpConnection, int]:
+        """A connection to the first node of :meth:`_node_order` that takes one (``urls[i]`` reaches node i),
+        and that node's index. Wrong credentials fail at once (they are the cluster's); if no node can be
+        reached, the last node's :class:`BrokerUnavailable` is raised."""
+        failure: BrokerUnavailable | None = None
+        for index in self._node_order():
+            try:
+                connection = await self._connect(urls[index])
+            except BrokerUnavailable as exc:
+                if len(urls) > 1:
+                    logger.warning("cannot use RabbitMQ%s: %s", self._node_name(index), exc.detail)
+                self._node_failed(index)
+                failure = exc
+                continue
+            self._backoff_until[index] = 0.0
+            return connection, index
+        assert failure is not None
+        raise failure
+
     async def start(self) -> None:
-        self._monitor = await self._connect(self.url)
+        await self._open_monitor()
         self._monitor_task = asyncio.create_task(self._watch(), name="amqp-monitor")
+
+    async def _open_monitor(self) -> None:
+        connection, index = await self._connect_spread(self.urls)
+        self._monitor = connection
+        self._monitor_lost.clear()
+        connection.add_close_callback(lambda _exc: self._monitor_ended(index))
+        if len(self.urls) > 1:
+            logger.info("RabbitMQ monitor connection on%s", self._node_name(index))
+
+    def _monitor_ended(self, index: int) -> None:
+        if not self._closing:
+            self._node_failed(index)
+        self._monitor_lost.set()
 
     #: Longest wait between two reconnect attempts: readiness follows RabbitMQ's return within about this.
     MAX_RECONNECT_DELAY = 1.0
 
     async def _watch(self) -> None:
-        """Keep the monitor connection up, reconnecting with back-off (0.25 s doubling to
-        :attr:`MAX_RECONNECT_DELAY`)."""
-        delay = 0.25
+        """Keep the monitor connection up: when it goes, connect again at once (another node, if there is
+        one), then with back-off (0.25 s doubling to :attr:`MAX_RECONNECT_DELAY`)."""
+        delay = 0.0
         down_since: float | None = None
         last_report = 0.0
         loop = asyncio.get_running_loop()
         while not self._closing:
             if _alive(self._monitor):
-                delay = 0.25
-                await asyncio.sleep(0.25)
+                delay = 0.0
+                await self._monitor_lost.wait()
                 continue
             if down_since is None:
                 down_since = last_report = loop.time()
@@ -651,7 +746,7 @@ class AmqpBroker(Broker):
                 if self._monitor is not None:
                     with contextlib.suppress(Exception):
                         await asyncio.wait_for(self._monitor.close(), 1)
-                self._monitor = await self._connect(self.url)
+                await self._open_monitor()
                 logger.warning("RabbitMQ connection restored after %.1f s", loop.time() - lost_at)
                 metrics.BROKER_RECONNECTS.inc()
                 down_since = None
@@ -660,7 +755,7 @@ class AmqpBroker(Broker):
                     last_report = loop.time()
                     detail = exc.detail if isinstance(exc, BrokerUnavailable) else exc.text
                     logger.warning("RabbitMQ still unreachable after %.0f s: %s", last_report - lost_at, detail)
-                delay = min(delay * 2, self.MAX_RECONNECT_DELAY)
+                delay = min(max(delay * 2, 0.25), self.MAX_RECONNECT_DELAY)
 
     def _key(self, login: str, passcode: str, vhost: str) -> tuple[str, str, str]:
         digest = hashlib.sha256(self._salt + passcode.encode()).hexdigest()
@@ -668,7 +763,7 @@ class AmqpBroker(Broker):
 
     async def authenticate(self, login: str, passcode: str, vhost: str) -> Principal:
         key = self._key(login, passcode, vhost)
-        principal = Principal(login, vhost, key, _url_for(self.url, login, passcode, vhost))
+        principal = Principal(login, vhost, key, tuple(_url_for(url, login, passcode, vhost) for url in self.urls))
         pool = self._pools.get(key)
         if pool and any(p.is_open for p in pool):
             return principal
@@ -683,8 +778,13 @@ class AmqpBroker(Broker):
             for pooled in pool:
                 if pooled.channels < self.sessions_per_connection and not pooled.exhausted:
                     return pooled
-            pooled = _Pooled(await self._connect(principal.url), principal, self._idle)
+            connection, index = await self._connect_spread(principal.urls)
+            pooled = _Pooled(
+                connection, principal, self._idle, self._node_name(index), lambda: self._node_failed(index)
+            )
             pool.append(pooled)
+            if len(self.urls) > 1:
+                logger.info("AMQP connection for user %r opened on%s", principal.login, self._node_name(index))
             return pooled
 
     async def open_channel(self, principal: Any, owner: str | None = None) -> Channel:

@@ -602,6 +602,8 @@ class WireChannel:
         #: the largest body part one frame carries (frame_max less 8 octets of framing)
         self.max_content = (connection.frame_max or 2**32) - 8
         self.on_closed: Callable[[BaseException | None], None] | None = None
+        #: called with the tag of a consumer the broker cancelled (``basic.cancel`` from RabbitMQ)
+        self.on_cancelled: Callable[[str], None] | None = None
         self.error: BaseException | None = None  # why it ended; set with ``closed``
         self.closed = False
         self._closing: asyncio.Future[None] | None = None  # our channel.close awaits the close-ok
@@ -765,6 +767,11 @@ class WireChannel:
             # on an unexpected cancel-ok, so only the capability decides.
             self.send_soon(marshal(spec.Basic.CancelOk(consumer_tag=tag), self.number))
         logger.warning("RabbitMQ cancelled consumer %r on channel %d (its queue was deleted?)", tag, self.number)
+        if was_consuming and self.on_cancelled is not None:
+            try:
+                self.on_cancelled(tag)
+            except Exception:
+                logger.exception("AMQP consumer cancel callback failed")
 
     # -- closing
 

@@ -24,6 +24,7 @@ __all__ = [
     "BrokerUnavailable",
     "Channel",
     "ChannelClosed",
+    "ConnectionLostWithNode",
     "DeliverCallback",
     "Delivery",
     "FrameTooLarge",
@@ -125,6 +126,13 @@ class BrokerUnavailable(BrokerError):
         self.detail = detail or text
 
 
+class ConnectionLostWithNode(BrokerUnavailable):
+    """The AMQP connection went away with its node or the network (the node shut down or restarted:
+    ``connection_forced``; the socket broke; heartbeats stopped), not over anything the gateway sent: a session
+    on it may move to another node. A connection RabbitMQ closes over a frame it refused (5xx) is a plain
+    :class:`BrokerUnavailable`: moving would hide the gateway's bug, so those sessions end."""
+
+
 class ChannelClosed(BrokerError):
     """The channel was closed, by the broker or by the connection going away."""
 
@@ -174,6 +182,9 @@ class Channel(abc.ABC):
 
     #: Called once when the channel closes for any reason other than :meth:`close`; the argument says why.
     on_close: Callable[[BrokerError], None] | None = None
+    #: Called with a consumer's tag when the broker cancels that consumer on its own (its queue was deleted,
+    #: or the queue's node left the cluster); the channel stays open.
+    on_cancel: Callable[[str], None] | None = None
 
     @property
     @abc.abstractmethod

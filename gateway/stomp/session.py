@@ -74,6 +74,7 @@ __all__ = [
     "Disconnect",
     "ExpireAt",
     "Publish",
+    "Reattach",
     "SendFrame",
     "Session",
     "SessionSettings",
@@ -272,6 +273,16 @@ class Close:
     error: Frame | None
 
 
+@dataclass(frozen=True, slots=True)
+class Reattach:
+    """The AMQP connection under this session was lost (a node stopped, the network broke) and the session
+    holds nothing that goes with it: open a channel on another node, re-create the queue declarations,
+    bindings and consumers of its subscriptions there, and keep the STOMP session open. If that fails, report
+    it with :meth:`Session.broker_failed`. ``error`` is what was lost, for the log."""
+
+    error: BrokerError
+
+
 Action = (
     SendFrame
     | Authenticate
@@ -284,6 +295,7 @@ Action = (
     | ExpireAt
     | Disconnect
     | Close
+    | Reattach
 )
 
 
@@ -355,6 +367,7 @@ class SessionSettings:
     stream_prefetch: int = DEFAULTS.stream_prefetch
     #: tokens and scopes (:func:`gateway.auth.load_policy`); None: the broker's own logins decide
     tokens: TokenPolicy | None = None
+    queue_type: str = DEFAULTS.queue_type
 
 
 def _uint(text: str) -> int:
@@ -455,6 +468,8 @@ class Session:
         self.token: Token | None = None
         #: what the client may do (None: no token policy, the broker's permissions decide)
         self.scopes: Scopes | None = None
+        #: exclusive queues declared by SENDs: they go with the AMQP connection, so the session cannot move
+        self._exclusive_sends: set[str] = set()
 
     # -- input ------------------------------------------------------------------------------------
 
@@ -617,6 +632,43 @@ class Session:
             return self.fail(ProtocolError("Invalid header", f"Headers too large: {error.text}\n", receipt_id=receipt_id))
         return self.fail(ProtocolError(error.name, error.text, receipt_id=receipt_id))
 
+    def broker_lost(self, error: BrokerError) -> list[Action]:
+        """The AMQP connection under this session went away (``error``, a :class:`BrokerUnavailable`): move
+        the session to another node (:class:`Reattach`) when that loses nothing, else ERROR naming what would
+        be lost, and close (what RabbitMQ's Web-STOMP does to every session)."""
+        if self.state is State.CLOSED:
+            return []
+        if self.state is not State.CONNECTED:
+            return self.broker_failed(error)
+        obstacle = self.reattach_obstacle()
+        if obstacle is None:
+            return [Reattach(error)]
+        return self.fail(
+            ProtocolError(error.name, f"{error.text}\nThe session could not move to another node: {obstacle}.\n")
+        )
+
+    def reattach_obstacle(self) -> str | None:
+        """What a move to another broker node would lose, or None: unacknowledged messages (they go back
+        to their queue, and the client could no longer ACK them), an open transaction, a queue that lived
+        only as long as the AMQP connection (exclusive, or a ``/temp-queue``, whose name the client gave away)."""
+        if self.transactions:
+            return f"transaction '{next(iter(self.transactions))}' is open"
+        for subscription in self.subscriptions.values():
+            name = subscription.id if subscription.id is not None else subscription.destination.raw
+            if subscription.pending:
+                return (
+                    f"subscription '{name}' holds {len(subscription.pending)} unacknowledged message(s), "
+                    "which go back to their queue"
+                )
+            declaration = subscription.plan.declaration
+            if declaration is not None and declaration.exclusive and subscription.plan.exchange is None:
+                return f"subscription '{name}' consumes the exclusive queue '{declaration.name}', which was deleted"
+        if self.temp_queues:
+            return f"the temporary queue behind '{next(iter(self.temp_queues))}' was deleted"
+        if self._exclusive_sends:
+            return f"the exclusive queue '{next(iter(self._exclusive_sends))}' was deleted"
+        return None
+
     def publish_confirmed(self, receipt: Frame | None) -> list[Action]:
         """The broker confirmed a publish: its RECEIPT (if it asked for one) may go out now."""
         if receipt is None or self.state is State.CLOSED:
@@ -713,7 +765,9 @@ class Session:
                 reply_subscription = self._temp_queue(reply_to)
         properties = properties_from_send(frame.headers)
         exchange, routing_key = routing_pair(destination, self.settings.topic_exchange)
-        declare = send_declaration(destination, dict(self._first_headers(frame)))
+        declare = self._with_queue_type(send_declaration(destination, dict(self._first_headers(frame))))
+        if declare is not None and declare.exclusive:
+            self._exclusive_sends.add(declare.name)
         return [
             Publish(
                 exchange,
@@ -818,6 +872,8 @@ class Session:
         headers = dict(self._first_headers(frame))
         destination = parse_destination(raw)
         plan = subscription_plan(destination, headers, sub_id, self.settings.topic_exchange)
+        if destination.kind == QUEUE:
+            plan = dataclasses.replace(plan, declaration=self._with_queue_type(plan.declaration))
         needs = tuple(subscribe_needs(destination, plan, headers, self.settings.topic_exchange))
         self._check("SUBSCRIBE", raw, needs)
         prefetch = headers.get("prefetch-count")
@@ -938,6 +994,20 @@ class Session:
         if not extra:
             return receipt
         return Frame(receipt.command, (*receipt.headers, *extra), receipt.body)
+    def _with_queue_type(self, declaration: QueueDeclaration | None) -> QueueDeclaration | None:
+        """A ``/queue`` declaration with the ``--queue-type`` default, when it names no ``x-queue-type`` and a
+        queue of that type can be what it asks for (quorum queues are durable, never exclusive or auto-delete)."""
+        queue_type = self.settings.queue_type
+        if (
+            declaration is None
+            or queue_type == "classic"
+            or "x-queue-type" in declaration.arguments
+            or not declaration.durable
+            or declaration.exclusive
+            or declaration.auto_delete
+        ):
+            return declaration
+        return dataclasses.replace(declaration, arguments={**declaration.arguments, "x-queue-type": queue_type})
 
     def _check_subscription_room(self) -> None:
         if len(self.subscriptions) + len(self.temp_queues) >= self.settings.max_subscriptions:

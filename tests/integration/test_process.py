@@ -122,7 +122,7 @@ async def test_losing_rabbitmq_and_getting_it_back(backend: str, unique: str) ->
     proxy = TcpProxy("127.0.0.1", 5672)
     await proxy.start()
     url = AMQP_URL.replace(":5672", f":{proxy.port}")
-    gateway = Gateway(make_config("rabbitmq", amqp_url=url))
+    gateway = Gateway(make_config("rabbitmq", amqp_urls=[url]))
     await gateway.start()
     assert gateway.port is not None
     try:

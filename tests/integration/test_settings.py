@@ -175,6 +175,7 @@ def test_the_gateway_derives_every_layers_settings_from_its_config() -> None:
         "heartbeat_max": 2, "topic_exchange": "t", "max_subscriptions": 3, "max_transactions": 4,
         "max_transaction_frames": 5, "max_transaction_bytes": 6, "server_name": "s", "shared_fanout": False,
         "login_timeout": 1.5, "max_outbound_buffer": 11, "max_conflate_interval": 2.5, "stream_prefetch": 12,
+        "queue_type": "quorum",
     }
     config = dataclasses.replace(Config(broker="memory"), **changed)
     settings = Gateway(config).connection_settings

@@ -20,6 +20,7 @@ from gateway.broker.base import (
     AccessRefused,
     BrokerError,
     BrokerUnavailable,
+    ConnectionLostWithNode,
     Delivery,
     MessageProperties,
     VhostNotFound,
@@ -37,6 +38,7 @@ from gateway.stomp.session import (
     Connected,
     Disconnect,
     Publish,
+    Reattach,
     SendFrame,
     Session,
     SessionSettings,
@@ -1661,3 +1663,87 @@ class TestStreamOffset:
     def test_other_values_are_an_error(self, value: str) -> None:
         message, body = fails(connected(), make("SUBSCRIBE", {"destination": "/queue/s", "x-stream-offset": value}))
         assert message == "Invalid header" and "'x-stream-offset' must be first, last, next" in body
+
+
+# A broker node goes away (issue 12): move the session when that loses nothing, else ERROR naming why not
+
+NODE_GONE = ConnectionLostWithNode(
+    "RabbitMQ closed the gateway's connection: 320 CONNECTION_FORCED - broker forced connection closure with "
+    "reason 'shutdown'"
+)
+
+
+def _delivery(tag: int) -> Delivery:
+    return Delivery("T_1", tag, "", "q", False, b"x", MessageProperties())
+
+
+class TestNodeLoss:
+    def test_a_session_of_auto_ack_subscriptions_moves(self) -> None:
+        session = connected()
+        for destination in ("/topic/a", "/queue/b", "/amq/queue/c", "/exchange/amq.direct/d"):
+            session.receive_frame(make("SUBSCRIBE", {"destination": destination, "id": destination}))
+        reattach = only(session.broker_lost(NODE_GONE), Reattach)
+        assert isinstance(reattach, Reattach) and reattach.error is NODE_GONE
+        assert session.state is State.CONNECTED
+
+    def test_a_client_ack_subscription_with_nothing_unacknowledged_moves(self) -> None:
+        session = connected()
+        session.receive_frame(make("SUBSCRIBE", {"destination": "/queue/b", "id": "1", "ack": "client"}))
+        only(session.broker_lost(NODE_GONE), Reattach)
+
+    @pytest.mark.parametrize(
+        ("setup", "cause"),
+        [
+            ([make("SUBSCRIBE", {"destination": "/queue/b", "id": "1", "ack": "client"})], "subscription '1' holds 1 unacknowledged message(s)"),
+            ([make("BEGIN", {"transaction": "tx"})], "transaction 'tx' is open"),
+            ([make("SEND", {"destination": "/queue/r", "reply-to": "/temp-queue/x"})], "the temporary queue behind '/temp-queue/x' was deleted"),
+            ([make("SUBSCRIBE", {"destination": "/queue/e", "id": "2", "exclusive": "true"})], "subscription '2' consumes the exclusive queue 'e', which was deleted"),
+            ([make("SEND", {"destination": "/queue/s", "exclusive": "true"})], "the exclusive queue 's' was deleted"),
+        ],
+    )
+    def test_a_session_that_would_lose_something_gets_an_error_naming_it(self, setup: list[Frame], cause: str) -> None:
+        session = connected()
+        for frame in setup:
+            session.receive_frame(frame)
+        if session.subscriptions.get("T_1") is not None:
+            session.deliver(session.subscriptions["T_1"], _delivery(7))
+        message, body = error_of(session.broker_lost(NODE_GONE))
+        assert message == "connection_forced"
+        assert body.startswith(NODE_GONE.text)
+        assert f"The session could not move to another node: {cause}" in body
+        assert session.state is State.CLOSED
+
+    def test_before_the_login_or_once_closed_it_is_an_ordinary_failure(self) -> None:
+        session = connecting()
+        session.receive_frame(make("CONNECT", {"accept-version": "1.2"}))
+        assert error_of(session.broker_lost(NODE_GONE))[0] == "connection_forced"
+        assert session.broker_lost(NODE_GONE) == []
+
+
+class TestQueueType:
+    def quorum(self) -> Session:
+        return connected(settings=SessionSettings(queue_type="quorum"))
+
+    def test_quorum_is_the_default_type_of_queue_declarations(self) -> None:
+        session = self.quorum()
+        subscribe = only(session.receive_frame(make("SUBSCRIBE", {"destination": "/queue/q", "id": "1"})), Subscribe)
+        assert isinstance(subscribe, Subscribe) and subscribe.subscription.plan.declaration is not None
+        assert subscribe.subscription.plan.declaration.arguments == {"x-queue-type": "quorum"}
+        publish = only(session.receive_frame(make("SEND", {"destination": "/queue/q"})), Publish)
+        assert isinstance(publish, Publish) and publish.declare is not None
+        assert publish.declare.arguments == {"x-queue-type": "quorum"}
+
+    def test_a_header_wins_and_what_quorum_cannot_be_stays_classic(self) -> None:
+        session = self.quorum()
+        for headers in ({"x-queue-type": "classic"}, {"durable": "false"}, {"auto-delete": "true"}):
+            publish = only(session.receive_frame(make("SEND", {"destination": "/queue/q", **headers})), Publish)
+            assert isinstance(publish, Publish) and publish.declare is not None
+            assert publish.declare.arguments.get("x-queue-type") in (None, "classic"), headers
+        subscribe = only(session.receive_frame(make("SUBSCRIBE", {"destination": "/topic/t", "id": "1"})), Subscribe)
+        assert isinstance(subscribe, Subscribe) and subscribe.subscription.plan.declaration is not None
+        assert "x-queue-type" not in subscribe.subscription.plan.declaration.arguments
+
+    def test_classic_by_default(self) -> None:
+        publish = only(connected().receive_frame(make("SEND", {"destination": "/queue/q"})), Publish)
+        assert isinstance(publish, Publish) and publish.declare is not None
+        assert publish.declare.arguments == {}
