@@ -145,7 +145,7 @@ class HAProxy:
                 self.process.kill()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def rabbit_cluster() -> Iterator[RabbitCluster]:
     reason = cluster_support()
     if reason is not None:
@@ -154,12 +154,12 @@ def rabbit_cluster() -> Iterator[RabbitCluster]:
         yield cluster
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def cluster_logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("cluster-logs")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def gateway_pair(rabbit_cluster: RabbitCluster, cluster_logs: Path) -> Iterator[list[GatewayProcess]]:
     """Gateways A and B, each given all three nodes (their connections go to the nodes in turn: the first
     session connection of each to node 2, as the monitor took node 1)."""
@@ -185,7 +185,7 @@ def gateways(gateway_pair: list[GatewayProcess], rabbit_cluster: RabbitCluster) 
     return gateway_pair
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def haproxy_process(gateway_pair: list[GatewayProcess], cluster_logs: Path) -> Iterator[HAProxy]:
     if shutil.which("haproxy") is None and not os.path.exists("/usr/sbin/haproxy"):
         _unavailable("haproxy is not installed")

@@ -61,8 +61,10 @@ async def test_a_burst_of_sends_does_not_hold_up_other_sessions(backend: str, un
             f"{len(during)} round trips, p50 {during[len(during) // 2] * 1000:.1f} max {during[-1] * 1000:.1f} ms"
         )
         print(summary)
-        # Parsed whole, the burst held the gateway 100-240 ms on the project's machine; a slice is ~1 ms.
-        assert len(during) >= 5 and during[-1] < 0.15, summary
+        # Parsed whole, the burst held the gateway 100-240 ms on the project's machine; a slice is ~1 ms (the
+        # slicing itself is checked without timing in tests/unit/test_connection.py). The bound here is for
+        # gross stalls only: a loaded CI machine shows single outliers near 200 ms (a GC pass, the scheduler).
+        assert len(during) >= 5 and during[len(during) // 2] < 0.05 and during[-1] < 0.5, summary
         await victim.close()
         await burster.close()
     finally:

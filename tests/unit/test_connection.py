@@ -17,7 +17,7 @@ import pytest
 
 from gateway.broker.base import MessageProperties
 from gateway.broker.memory import MemoryBroker
-from gateway.connection import ConnectionSettings, StompConnection, Transport
+from gateway.connection import YIELD_EVERY, ConnectionSettings, StompConnection, Transport
 from gateway.fanout import FanoutRegistry
 from gateway.stomp.frames import Frame, FrameParser, Limits
 from gateway.stomp.session import SessionSettings
@@ -303,3 +303,26 @@ async def test_session_end_releases_the_broker_side(harness: Harness, broker: Me
     await until(lambda: bool(other_transport.of("MESSAGE")))
     assert other_transport.of("MESSAGE")[0].get("redelivered") == "true"
     await channel.close()
+
+
+async def test_a_burst_is_handled_a_slice_at_a_time(harness: Harness) -> None:
+    """One client's message of 3,000 SENDs lets other work run at least every YIELD_EVERY frames (the embedded
+    broker's publish never yields, so without the slicing the whole burst would run in one go)."""
+    connection, _ = await harness.connected()
+    burst = frame("SEND", {"destination": "/topic/burst"}, b"x") * 3000
+    seen: list[int] = []
+    done = False
+
+    async def other_work() -> None:
+        while not done:
+            seen.append(connection.frames_in)
+            await asyncio.sleep(0)
+
+    task = asyncio.create_task(other_work())
+    await asyncio.sleep(0)
+    await connection.receive_data(burst)
+    done = True
+    await task
+    assert connection.frames_in == 3001  # CONNECT and the burst
+    steps = [after - before for before, after in zip(seen, seen[1:], strict=False)]
+    assert sum(steps) >= 2900 and max(steps) <= YIELD_EVERY, max(steps)
