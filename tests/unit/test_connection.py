@@ -10,6 +10,7 @@ bound, temp queue ready) is checked from the client's side.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections.abc import AsyncIterator, Callable
 
@@ -324,5 +325,5 @@ async def test_a_burst_is_handled_a_slice_at_a_time(harness: Harness) -> None:
     done = True
     await task
     assert connection.frames_in == 3001  # CONNECT and the burst
-    steps = [after - before for before, after in zip(seen, seen[1:], strict=False)]
+    steps = [after - before for before, after in itertools.pairwise(seen)]
     assert sum(steps) >= 2900 and max(steps) <= YIELD_EVERY, max(steps)
