@@ -546,6 +546,7 @@ class StompConnection:
                     raise ChannelClosed("session closed")
                 self._channel = channel
                 self._channel.on_close = self._channel_closed
+                self._channel.on_cancel = self._consumer_cancelled
                 self._declared.clear()
                 self._reply_queues.clear()
                 self._confirming = False
@@ -554,6 +555,16 @@ class StompConnection:
     def _channel_closed(self, error: BrokerError) -> None:
         if not self._closing:
             self._broker_failed_or_lost(error)
+
+    def _consumer_cancelled(self, consumer_tag: str) -> None:
+        """RabbitMQ cancelled one of the session's own consumers (its queue was deleted, or lived on a node
+        that left): the session says so and ends, where RabbitMQ's plugin leaves a silent subscription."""
+        if self._closing:
+            return
+        for attachment in self._attachments.values():
+            if isinstance(attachment, _Consumer) and attachment.consumer_tag == consumer_tag:
+                self._react(self.session.consumer_cancelled(attachment.subscription))
+                return
 
     def _broker_failed_or_lost(self, error: BrokerError) -> None:
         """A channel or shared subscription of this session ended: a connection lost with its node

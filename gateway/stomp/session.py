@@ -738,6 +738,24 @@ class Session:
         """The gateway failed while handling this session (the log has the traceback)."""
         return self._fail_if_open(ProtocolError("Internal error", "The gateway failed; see its log.\n"))
 
+    def consumer_cancelled(self, subscription: Subscription) -> list[Action]:
+        """The broker cancelled the consumer of ``subscription``: its queue was deleted, or lived on a node
+        that left the cluster. RabbitMQ's STOMP plugin sends an ERROR and keeps the connection open, a
+        subscription that silently receives nothing more (rabbitmq-server #2410); here the ERROR names the
+        subscription and the session ends, so the client reconnects and subscribes again."""
+        headers: tuple[tuple[str, str], ...] = ()
+        if subscription.id is not None:
+            headers = (("subscription", subscription.id),)
+        what = subscription.destination.raw or subscription.key
+        return self._fail_if_open(
+            ProtocolError(
+                "Subscription cancelled",
+                f"The broker cancelled the subscription to {what}: its queue was deleted, or its node left "
+                "the cluster. Subscribe again to go on.\n",
+                headers=headers,
+            )
+        )
+
     def connection_lost(self) -> None:
         """The connection is gone (or closing): nothing more is accepted or delivered."""
         self.state = State.CLOSED

@@ -714,3 +714,17 @@ class TestNameLimits:
         await connected.send(frame("SEND", "x", destination="/topic/" + "k" * 255, receipt="s"))
         await connected.receipt("s")
         await backdoor.delete_queue(name)
+
+
+async def test_a_queue_deleted_under_a_subscription_is_an_error_that_names_it(
+    connected: StompClient, backdoor: Channel, unique: str
+) -> None:
+    """The broker cancels the consumer (queue deleted, or its node left): RabbitMQ's plugin then keeps the
+    session open and silent (rabbitmq-server #2410); the gateway names the subscription and closes."""
+    await subscribe(connected, f"/queue/doomed-{unique}", "s-doomed")
+    await backdoor.delete_queue(f"doomed-{unique}")
+    error = await connected.receive_command("ERROR")
+    assert error.get("message") == "Subscription cancelled"
+    assert error.get("subscription") == "s-doomed"
+    assert f"/queue/doomed-{unique}" in error.body.decode()
+    await connected.wait_closed()

@@ -327,3 +327,22 @@ async def test_a_burst_is_handled_a_slice_at_a_time(harness: Harness) -> None:
     assert connection.frames_in == 3001  # CONNECT and the burst
     steps = [after - before for before, after in itertools.pairwise(seen)]
     assert sum(steps) >= 2900 and max(steps) <= YIELD_EVERY, max(steps)
+
+
+async def test_a_queue_deleted_under_a_subscription_ends_the_session_with_an_error(
+    harness: Harness, broker: MemoryBroker
+) -> None:
+    """RabbitMQ's plugin keeps such a session open, receiving nothing more; here the ERROR names the
+    subscription and the session ends, so the client subscribes again."""
+    connection, transport = await harness.connected()
+    await connection.receive_data(frame("SUBSCRIBE", {"id": "s1", "destination": "/queue/doomed", "receipt": "r"}))
+    await until(lambda: bool(transport.of("RECEIPT")))
+    principal = await broker.authenticate("guest", "guest", "/")
+    channel = await broker.open_channel(principal)
+    await channel.delete_queue("doomed")
+    await until(lambda: transport.closed)
+    error = transport.of("ERROR")[0]
+    assert error.get("message") == "Subscription cancelled"
+    assert error.get("subscription") == "s1"
+    assert b"/queue/doomed" in error.body
+    await channel.close()
