@@ -59,6 +59,10 @@ __all__ = ["Backlog", "ConnectionSettings", "Handshake", "StompConnection", "Tra
 
 #: Frames parsed and handled from one read before the reader lets other connections run.
 YIELD_EVERY = 32
+#: Seconds a session keeps trying to move to another broker node when the node it moves to is lost too, and
+#: the pause between tries.
+REATTACH_PATIENCE = 5.0
+REATTACH_RETRY_DELAY = 0.05
 #: SUBSCRIBEs of one session whose broker work runs at the same time (their RECEIPTs stay in order).
 MAX_SUBSCRIBES_IN_FLIGHT = 64
 
@@ -687,7 +691,15 @@ class StompConnection:
         try:
             while not self._closing:
                 self._lost_again = False
-                moved += await self._reattach_once()
+                try:
+                    moved += await self._reattach_once()
+                except ConnectionLostWithNode:
+                    # The connection it was moving to went as well (a second node, or a connection that
+                    # failed with the first): try the next node, for a while.
+                    if self.loop.time() - started >= REATTACH_PATIENCE:
+                        raise
+                    self._lost_again = True
+                    await asyncio.sleep(REATTACH_RETRY_DELAY)
                 if not self._lost_again:
                     break
         except BrokerError as error:
