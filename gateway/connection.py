@@ -29,6 +29,7 @@ from gateway.broker.base import (
     Delivery,
 )
 from gateway.continuity import Conflator, HandOver
+from gateway.destinations import QueueDeclaration
 from gateway.fanout import FanoutRegistry, Sink
 from gateway.limits import TokenBucket
 from gateway.metrics import TALLY
@@ -608,13 +609,7 @@ class StompConnection:
         broker's confirm once ``confirm`` turned confirms on for the channel."""
         declaration = action.declare
         if declaration is not None and declaration.name not in self._declared:
-            await channel.declare_queue(
-                declaration.name,
-                durable=declaration.durable,
-                exclusive=declaration.exclusive,
-                auto_delete=declaration.auto_delete,
-                arguments=declaration.arguments,
-            )
+            await _declare(channel, declaration)
             self._declared[declaration.name] = None
             if declaration.exclusive:
                 self._exclusive_queues[declaration.name] = None
@@ -776,12 +771,7 @@ class StompConnection:
             return queue
         declaration = subscription.plan.declaration
         assert declaration is not None  # temp_queue_plan() declares a server-named queue
-        queue = await channel.declare_queue(
-            declaration.name,
-            durable=declaration.durable,
-            exclusive=declaration.exclusive,
-            auto_delete=declaration.auto_delete,
-        )
+        queue = await _declare(channel, declaration)
         deliverer = _Deliverer(self, subscription)
         await channel.consume(queue, deliverer, no_ack=True, consumer_tag=subscription.consumer_tag)
         deliverer.start()
@@ -816,17 +806,19 @@ class StompConnection:
             if transport.buffered > limit and transport.backlog > limit:
                 self._slow_client()
 
-        def on_error(error: BrokerError) -> None:
-            if not self._closing:
-                self._broker_failed_or_lost(error)
-
         def release() -> None:
             nonlocal held
             waiting, held = held, None
             for template in waiting or ():
                 on_message(template)
 
-        return Sink(on_message, on_error), release
+        return Sink(on_message, self._sink_failed), release
+
+    def _sink_failed(self, error: BrokerError) -> None:
+        """A shared subscription's group ended (its channel, its consumer or its connection went): what any
+        broker attachment of the session losing its broker does, moving to another node included."""
+        if not self._closing:
+            self._broker_failed_or_lost(error)
 
     def _conflating_sink(self, subscription: Subscription, interval: float) -> tuple[Sink, Callable[[], None]]:
         """A shared subscription's end that conflates (``x-conflate``): at most one message per destination
@@ -891,17 +883,13 @@ class StompConnection:
                     conflator.lagging()
             schedule()
 
-        def on_error(error: BrokerError) -> None:
-            if not self._closing:
-                self._react(self.session.broker_failed(error))
-
         def release() -> None:
             nonlocal held
             waiting, held = held, None
             for template in waiting or ():
                 on_message(template)
 
-        sink = Sink(on_message, on_error)
+        sink = Sink(on_message, self._sink_failed)
         return sink, release
 
     async def _start_subscribe(self, action: Subscribe) -> None:
@@ -972,13 +960,7 @@ class StompConnection:
             queue = plan.queue
             declaration = plan.declaration
             if declaration is not None:
-                queue = await channel.declare_queue(
-                    declaration.name,
-                    durable=declaration.durable,
-                    exclusive=declaration.exclusive,
-                    auto_delete=declaration.auto_delete,
-                    arguments=declaration.arguments,
-                )
+                queue = await _declare(channel, declaration)
                 if declaration.exclusive:
                     # AMQP ties exclusive queues to the (shared) connection: delete it when the
                     # session ends, or now if the bind or consume fails (as RabbitMQ's plugin does).
@@ -1140,6 +1122,17 @@ class StompConnection:
             logger.warning("%s: could not delete exclusive queue: %s", self.peer, error)
         finally:
             await channel.close()
+
+
+async def _declare(channel: Channel, declaration: QueueDeclaration) -> str:
+    """``queue.declare`` as the destination mapping planned it; the queue's name (the broker's, for ``""``)."""
+    return await channel.declare_queue(
+        declaration.name,
+        durable=declaration.durable,
+        exclusive=declaration.exclusive,
+        auto_delete=declaration.auto_delete,
+        arguments=declaration.arguments,
+    )
 
 
 class _Consumer:

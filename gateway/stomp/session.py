@@ -469,7 +469,7 @@ class Session:
         #: what the client may do (None: no token policy, the broker's permissions decide)
         self.scopes: Scopes | None = None
         #: exclusive queues declared by SENDs: they go with the AMQP connection, so the session cannot move
-        self._exclusive_sends: set[str] = set()
+        self._exclusive_sends: dict[str, None] = {}  # an ordered set (an empty set is 216 bytes a session)
 
     # -- input ------------------------------------------------------------------------------------
 
@@ -785,7 +785,7 @@ class Session:
         exchange, routing_key = routing_pair(destination, self.settings.topic_exchange)
         declare = self._with_queue_type(send_declaration(destination, dict(self._first_headers(frame))))
         if declare is not None and declare.exclusive:
-            self._exclusive_sends.add(declare.name)
+            self._exclusive_sends[declare.name] = None
         return [
             Publish(
                 exchange,
