@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime
 import hashlib
 import logging
 import re
@@ -25,15 +24,13 @@ from urllib.parse import quote, unquote, urlsplit
 
 import pamqp.frame
 from pamqp import commands as spec
-from pamqp.body import ContentBody
 from pamqp.common import FieldTable
-from pamqp.header import ContentHeader
 
 from gateway import metrics
+from gateway.broker.amqp_codec import Deliver, HeaderTooLarge, encode_publish
 from gateway.broker.amqp_connection import (
     AmqpConnection,
     BasicConsume,
-    BasicPublish,
     ChannelClosedByBroker,
     ConnectionParameters,
     ExchangeDeclare,
@@ -114,18 +111,6 @@ def _broker_error(exc: BaseException) -> BrokerError:
     return BrokerError(codes.get(name, 541), name.lower(), detail)
 
 
-def _header_bound(props: MessageProperties) -> int:
-    """An upper bound of the AMQP content-header payload for these properties, without encoding them:
-    class, weight, body size and flags (14), every short-string property at its largest (13 x 256), and
-    each header at four bytes a character plus its key length, type and value length (6)."""
-    bound = 14 + 13 * 256 + 4
-    for key, value in props.headers.items():
-        if not isinstance(value, str):
-            return 2**32  # not from a STOMP header: encode to know
-        bound += 6 + 4 * (len(key) + len(value))
-    return bound
-
-
 #: AMQP reply codes that close a whole connection, by the name RabbitMQ puts before its reply text.
 _CONNECTION_REPLY_CODES = {
     "CONNECTION_FORCED": 320,
@@ -155,47 +140,6 @@ def _close_reason(exc: BaseException | None) -> str:
 
 def _invalid_value(exc: BaseException) -> BrokerError:
     return BrokerError(406, "precondition_failed", f"invalid AMQP value: {exc}")
-
-
-def _to_properties(props: MessageProperties) -> spec.Basic.Properties:
-    return spec.Basic.Properties(
-        content_type=props.content_type,
-        content_encoding=props.content_encoding,
-        headers=props.headers or None,
-        delivery_mode=props.delivery_mode,
-        priority=props.priority,
-        correlation_id=props.correlation_id,
-        reply_to=props.reply_to,
-        expiration=props.expiration,
-        message_id=props.message_id,
-        timestamp=(
-            datetime.datetime.fromtimestamp(props.timestamp, tz=datetime.UTC)
-            if props.timestamp is not None
-            else None
-        ),
-        message_type=props.type,
-        user_id=props.user_id,
-        app_id=props.app_id,
-    )
-
-
-def _from_properties(props: spec.Basic.Properties) -> MessageProperties:
-    timestamp = props.timestamp
-    return MessageProperties(
-        content_type=props.content_type,
-        content_encoding=props.content_encoding,
-        headers=dict(props.headers) if props.headers else {},
-        delivery_mode=props.delivery_mode,
-        priority=props.priority,
-        correlation_id=props.correlation_id,
-        reply_to=props.reply_to,
-        expiration=props.expiration,
-        message_id=props.message_id,
-        timestamp=int(timestamp.timestamp()) if timestamp is not None else None,
-        type=props.message_type,
-        user_id=props.user_id,
-        app_id=props.app_id,
-    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -365,16 +309,16 @@ class AmqpChannel(Channel):
             await self._call(spec.Basic.Qos(prefetch_count=prefetch_count))
             self._declared_prefetch = prefetch_count
 
-        def on_delivery(deliver: spec.Basic.Deliver, header: ContentHeader, body: bytes) -> None:
+        def on_delivery(deliver: Deliver, properties: MessageProperties, body: bytes) -> None:
             callback(
                 Delivery(
-                    consumer_tag=deliver.consumer_tag or "",
-                    delivery_tag=deliver.delivery_tag or 0,
-                    exchange=deliver.exchange or "",
-                    routing_key=deliver.routing_key or "",
-                    redelivered=bool(deliver.redelivered),
+                    consumer_tag=deliver.consumer_tag,
+                    delivery_tag=deliver.delivery_tag,
+                    exchange=deliver.exchange,
+                    routing_key=deliver.routing_key,
+                    redelivered=deliver.redelivered,
                     body=body,
-                    properties=_from_properties(header.properties),
+                    properties=properties,
                 )
             )
 
@@ -413,26 +357,14 @@ class AmqpChannel(Channel):
         self._pooled.last_owner = self.owner
         number = ch.number
         try:
-            header = ContentHeader(properties=_to_properties(properties), body_size=len(body))
-            if _header_bound(properties) > self.max_payload and len(header.marshal()) > self.max_payload:
-                result.set_exception(FrameTooLarge("The message headers", len(header.marshal()), self.max_payload + 8))
-                return result
-            frames = [
-                pamqp.frame.marshal(BasicPublish(exchange=exchange, routing_key=routing_key), number),
-                pamqp.frame.marshal(header, number),
-            ]
-            size = ch.max_content
-            if len(body) <= size:
-                if body:
-                    frames.append(pamqp.frame.marshal(ContentBody(body), number))
-            else:
-                frames.extend(
-                    pamqp.frame.marshal(ContentBody(body[i : i + size]), number) for i in range(0, len(body), size)
-                )
+            payload = encode_publish(number, exchange, routing_key, properties, body, ch.max_content, self.max_payload)
+        except HeaderTooLarge as exc:
+            result.set_exception(FrameTooLarge("The message headers", exc.args[0], self.max_payload + 8))
+            return result
         except (ValueError, TypeError) as exc:
             result.set_exception(_invalid_value(exc))
             return result
-        confirmation = ch.publish(b"".join(frames))
+        confirmation = ch.publish(payload)
         if confirmation is None:
             result.set_result(None)
             return result

@@ -27,6 +27,7 @@ import collections
 import logging
 import platform
 import ssl
+import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, cast
@@ -38,6 +39,15 @@ from pamqp import commands as spec
 from pamqp.body import ContentBody
 from pamqp.header import ContentHeader, ProtocolHeader
 from pamqp.heartbeat import Heartbeat
+
+from gateway.broker.amqp_codec import (
+    DELIVER_ID,
+    Deliver,
+    decode_content_header,
+    decode_deliver,
+    properties_from_pamqp,
+)
+from gateway.broker.base import MessageProperties
 
 __all__ = [
     "AmqpConnection",
@@ -270,6 +280,8 @@ def _tls_context(query: Mapping[str, str]) -> ssl.SSLContext:
 
 # --- the connection ---------------------------------------------------------------------------------------
 
+_FRAME_METHOD = 1
+_FRAME_HEADER = 2
 _FRAME_BODY = 3
 _FRAME_END = 0xCE
 _HEARTBEAT_FRAME = marshal(Heartbeat(), 0)
@@ -418,13 +430,33 @@ class AmqpConnection(asyncio.Protocol):
             if end > end_of_data:
                 need = end - pos
                 break
-            if buffer[pos] == _FRAME_BODY and buffer[end - 1] == _FRAME_END:
+            kind = buffer[pos]
+            if kind == _FRAME_BODY and buffer[end - 1] == _FRAME_END:
                 # A content body frame's payload is the body part itself: nothing to decode.
                 ch = self.channels.get(int.from_bytes(buffer[pos + 1 : pos + 3], "big"))
                 if ch is not None:
                     ch.body_received(bytes(buffer[pos + 7 : end - 1]))
                 pos = end
                 continue
+            delivery = kind == _FRAME_HEADER or (kind == _FRAME_METHOD and buffer[pos + 7 : pos + 11] == DELIVER_ID)
+            if delivery and buffer[end - 1] == _FRAME_END:
+                # A delivery's method and content header: read here, without pamqp (amqp_codec), unless
+                # they are not what they seem; then pamqp reads (and reports) them below.
+                ch = self.channels.get(int.from_bytes(buffer[pos + 1 : pos + 3], "big"))
+                try:
+                    if kind == _FRAME_HEADER:
+                        body_size, properties = decode_content_header(bytes(buffer[pos + 7 : end - 1]))
+                        if ch is not None:
+                            ch.header_received(body_size, properties)
+                    else:
+                        deliver = decode_deliver(bytes(buffer[pos + 7 : end - 1]))
+                        if ch is not None:
+                            ch.deliver_received(deliver)
+                except (ValueError, IndexError, struct.error):
+                    pass
+                else:
+                    pos = end
+                    continue
             try:
                 _, channel, frame = pamqp.frame.unmarshal(bytes(buffer[pos:end]))
             except pamqp.exceptions.PAMQPException as exc:
@@ -432,9 +464,9 @@ class AmqpConnection(asyncio.Protocol):
                 return
             pos = end
             if channel:
-                kind = type(frame)
-                if kind is spec.Channel.Close or kind is spec.Channel.CloseOk:
-                    self.gate.received(channel, kind is spec.Channel.Close)
+                method = type(frame)
+                if method is spec.Channel.Close or method is spec.Channel.CloseOk:
+                    self.gate.received(channel, method is spec.Channel.Close)
                 ch = self.channels.get(channel)
                 if ch is not None:
                     ch.frame_received(frame)
@@ -571,18 +603,19 @@ class AmqpConnection(asyncio.Protocol):
 
 # --- channels ---------------------------------------------------------------------------------------------
 
-DeliveryCallback = Callable[[spec.Basic.Deliver, ContentHeader, bytes], None]
+DeliveryCallback = Callable[[Deliver, MessageProperties, bytes], None]
 
 
 class _Content:
     """A delivery (or a returned message) whose content frames are still arriving."""
 
-    __slots__ = ("callback", "deliver", "header", "parts", "size")
+    __slots__ = ("body_size", "callback", "deliver", "parts", "properties", "size")
 
-    def __init__(self, deliver: Any, callback: DeliveryCallback | None) -> None:
+    def __init__(self, deliver: Deliver | None, callback: DeliveryCallback | None) -> None:
         self.deliver = deliver
         self.callback = callback
-        self.header: ContentHeader | None = None
+        self.properties: MessageProperties | None = None  # the content header's, once it arrived
+        self.body_size = 0
         self.parts: list[bytes] = []
         self.size = 0
 
@@ -683,17 +716,38 @@ class WireChannel:
     # -- reading (called by the connection for every frame of this channel)
 
     def frame_received(self, frame: Any) -> None:
+        """A frame read by pamqp (the connection reads deliveries, their headers and bodies itself)."""
+        kind = type(frame)
+        if kind is ContentHeader:
+            self.header_received(frame.body_size or 0, properties_from_pamqp(frame.properties))
+        elif kind is ContentBody:
+            self.body_received(frame.value)
+        elif kind is spec.Basic.Deliver:  # one the connection's own reader could not read
+            deliver = Deliver(
+                frame.consumer_tag or "",
+                frame.delivery_tag or 0,
+                bool(frame.redelivered),
+                frame.exchange or "",
+                frame.routing_key or "",
+            )
+            self.deliver_received(deliver)
+        else:
+            if self._content is not None:  # content cut short (a protocol violation): forget it
+                self._content = None
+            self._method_received(frame)
+
+    def deliver_received(self, deliver: Deliver) -> None:
+        """A ``basic.deliver``: its content frames follow."""
+        self._content = _Content(deliver, self._consumers.get(deliver.consumer_tag))
+
+    def header_received(self, body_size: int, properties: MessageProperties) -> None:
         content = self._content
         if content is None:
-            self._method_received(frame)
-        elif type(frame) is ContentHeader:
-            content.header = frame
-            self._content_progress(content)
-        elif type(frame) is ContentBody:
-            self.body_received(frame.value)
-        else:  # content cut short (a protocol violation): forget it, handle the frame
-            self._content = None
-            self._method_received(frame)
+            logger.error("a content header frame without a method on AMQP channel %d", self.number)
+            return
+        content.properties = properties
+        content.body_size = body_size
+        self._content_progress(content)
 
     def body_received(self, part: bytes) -> None:
         """A content body frame's payload (the connection reads these without pamqp)."""
@@ -706,22 +760,20 @@ class WireChannel:
         self._content_progress(content)
 
     def _content_progress(self, content: _Content) -> None:
-        if content.header is None or content.size < (content.header.body_size or 0):
+        if content.properties is None or content.size < content.body_size:
             return
         self._content = None
-        if content.callback is not None and not self.closed and self._closing is None:
+        if content.callback is not None and content.deliver is not None and not self.closed and self._closing is None:
             parts = content.parts
             body = parts[0] if len(parts) == 1 else b"".join(parts)
             try:
-                content.callback(content.deliver, content.header, body)
+                content.callback(content.deliver, content.properties, body)
             except Exception:  # one consumer's failure must not stop the connection's reader
                 logger.exception("delivery callback failed")
 
     def _method_received(self, frame: Any) -> None:
         kind = type(frame)
-        if kind is spec.Basic.Deliver:
-            self._content = _Content(frame, self._consumers.get(frame.consumer_tag or ""))
-        elif kind is spec.Basic.Ack or kind is spec.Basic.Nack:
+        if kind is spec.Basic.Ack or kind is spec.Basic.Nack:
             self._confirmed(frame.delivery_tag or 0, bool(frame.multiple), kind is spec.Basic.Ack)
         elif kind is spec.Channel.Close:
             # Answer, then end: after its close RabbitMQ takes nothing but the close-ok on this channel.
@@ -733,7 +785,7 @@ class WireChannel:
         elif kind is spec.Basic.Cancel:
             self._cancelled_by_broker(frame)
         elif kind is spec.Basic.Return:  # not asked for (no mandatory publishes): skip its content
-            self._content = _Content(frame, None)
+            self._content = _Content(None, None)
         elif self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.done():  # its caller may have given up waiting

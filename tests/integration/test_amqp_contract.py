@@ -9,6 +9,10 @@ run time:
   frame)`` for method, content header, content body and heartbeat frames; ``ProtocolHeader().marshal()``.
 * pamqp's command classes check names in ``validate()`` (called by ``__init__`` and ``marshal()``), and
   marshal the attributes their class lists; the gateway's subclasses override ``validate()`` only.
+* ``pamqp.encode.field_table`` and ``pamqp.decode.field_table`` for header tables with values other than
+  strings: the frames every message crosses (``basic.publish``, ``basic.deliver`` and their content) are
+  written and read by ``gateway/broker/amqp_codec.py``, checked against pamqp in
+  ``tests/unit/test_amqp_codec.py`` and against RabbitMQ here.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from pamqp.header import ContentHeader, ProtocolHeader
 from pamqp.heartbeat import Heartbeat
 
 from gateway.broker import amqp  # noqa: F401 - imported for the check that importing it changes nothing
+from gateway.broker.amqp_codec import encode_publish
 from gateway.broker.amqp_connection import (
     AmqpConnection,
     BasicConsume,
@@ -35,6 +40,7 @@ from gateway.broker.amqp_connection import (
     QueueDelete,
     QueueUnbind,
 )
+from gateway.broker.base import MessageProperties
 from tests.conftest import AMQP_URL, rabbitmq_running
 
 UTF8 = "ünïcødé a!b(c)~d$e"
@@ -104,18 +110,32 @@ async def test_a_round_trip_through_rabbitmq() -> None:
         assert connection.channels[number] is channel
         ok = await channel.rpc(QueueDeclare(queue=f"contract-{UTF8}", exclusive=True, auto_delete=True))
         assert ok.queue == f"contract-{UTF8}"
-        got: asyncio.Future[tuple[bytes, str | None]] = asyncio.get_running_loop().create_future()
-        channel.add_consumer("c", lambda deliver, header, body: got.set_result((body, header.properties.content_type)))
+        got: asyncio.Future[tuple[Any, Any, bytes]] = asyncio.get_running_loop().create_future()
+        channel.add_consumer("c", lambda deliver, props, body: got.set_result((deliver, props, body)))
         await channel.rpc(BasicConsume(queue=ok.queue, consumer_tag="c", no_ack=True))
         await channel.select_confirms()
-        header = ContentHeader(body_size=2, properties=spec.Basic.Properties(content_type="text/plain"))
+        sent = MessageProperties(
+            content_type="text/plain",
+            headers={"h": "v", UTF8: UTF8, "n": 7, "flag": True, "nested": {"a": "b"}},
+            delivery_mode=2,
+            priority=3,
+            correlation_id="c-1",
+            reply_to="r",
+            expiration="60000",
+            message_id="m-1",
+            timestamp=1_767_225_600,
+            type="t",
+            user_id="guest",
+            app_id="contract",
+        )
+        body = bytes(range(256)) * (connection.frame_max // 256 + 1)  # two body frames
         confirmed = channel.publish(
-            pamqp.frame.marshal(BasicPublish(exchange="", routing_key=ok.queue), number)
-            + pamqp.frame.marshal(header, number)
-            + pamqp.frame.marshal(ContentBody(b"hi"), number)
+            encode_publish(number, "", ok.queue, sent, body, channel.max_content, connection.frame_max - 8)
         )
         assert confirmed is not None and await asyncio.wait_for(confirmed, 5) is True
-        assert await asyncio.wait_for(got, 5) == (b"hi", "text/plain")
+        deliver, props, received = await asyncio.wait_for(got, 5)
+        assert (deliver.consumer_tag, deliver.exchange, deliver.routing_key, deliver.redelivered) == ("c", "", ok.queue, False)
+        assert received == body and props == sent
         await asyncio.wait_for(channel.close(), 5)
         assert channel.closed and number not in connection.channels
         assert connection.gate.take(connection.channels) == 2  # round-robin, never the number just closed

@@ -158,7 +158,7 @@ class TestReading:
         connection = await AmqpConnection.connect(await serve(script), timeout=5)
         channel = await connection.open_channel(connection.gate.take(connection.channels) or 0)
         seen: list[tuple[int, bytes, str | None]] = []
-        channel.add_consumer("mine", lambda d, h, body: seen.append((d.delivery_tag or 0, body, h.properties.content_type)))
+        channel.add_consumer("mine", lambda d, h, body: seen.append((d.delivery_tag or 0, body, h.content_type)))
         ok = await channel.rpc(spec.Basic.Consume(queue="q", consumer_tag="mine"))
         assert ok.consumer_tag == "mine"
         await channel.rpc(spec.Basic.Qos(prefetch_count=1))  # answered after every delivery frame was read
