@@ -587,22 +587,36 @@ class StompConnection:
     # -- SEND -------------------------------------------------------------------------------------------
 
     async def _publish(self, action: Publish) -> None:
-        try:
-            channel = await self._own_channel()
-            future = await self._hand_over(channel, action, action.receipt is not None or action.confirm)
-        except BrokerError as error:
-            if not self._moving_on(error):
-                await self._fail(error, action.receipt)
-                return
-            future = self.loop.create_future()  # the connection went under it: again on the next node
-            self._retry_publish(action, future)
+        confirm = action.receipt is not None or action.confirm
+        channel = self._channel
+        if (
+            channel is not None
+            and channel.is_open
+            and (self._confirming or not confirm)
+            and action.temp_queue is None
+            and (action.declare is None or action.declare.name in self._declared)
+        ):  # the common case, nothing to prepare: no await before the message is handed over
+            future = channel.start_publish(action.exchange, action.routing_key, action.body, action.properties)
         else:
-            if self._confirming and not future.done():
-                future = self._settled_or_retried(future, action)
+            try:
+                channel = await self._own_channel()
+                future = await self._hand_over(channel, action, confirm)
+            except BrokerError as error:
+                if not self._moving_on(error):
+                    await self._fail(error, action.receipt)
+                    return
+                future = self.loop.create_future()  # the connection went under it: again on the next node
+                self._retry_publish(action, future)
+                channel = None
+        if channel is not None and self._confirming and not future.done():
+            future = self._settled_or_retried(future, action)
         TALLY.messages_published += 1
-        self._pending[future] = None
-        future.add_done_callback(lambda f: self._confirmed(f, action.receipt))
-        await channel.drain()
+        if not (action.receipt is None and future.done() and not future.cancelled() and future.exception() is None):
+            # a confirm or a RECEIPT to wait for, or a refusal to report
+            self._pending[future] = None
+            future.add_done_callback(lambda f: self._confirmed(f, action.receipt))
+        if channel is not None and channel.held_back:
+            await channel.drain()
 
     async def _hand_over(self, channel: Channel, action: Publish, confirm: bool) -> asyncio.Future[None]:
         """Declare what the publish needs (once per channel), then publish; the future resolves at the

@@ -384,6 +384,10 @@ class AmqpChannel(Channel):
         confirmation.add_done_callback(done)
         return result
 
+    @property
+    def held_back(self) -> bool:
+        return self._pooled.connection.blocked
+
     async def drain(self) -> None:
         """Wait while RabbitMQ is not reading (flow control, alarms): back-pressure for the client's reader."""
         await self._pooled.connection.writable()

@@ -519,6 +519,11 @@ class AmqpConnection(asyncio.Protocol):
         if writable is not None and not writable.done():
             writable.set_result(None)
 
+    @property
+    def blocked(self) -> bool:
+        """:meth:`writable` would wait."""
+        return self._writable is not None and self.error is None
+
     async def writable(self) -> None:
         """Wait while the transport's buffer is full (RabbitMQ is not reading: flow control, alarms)."""
         while self._writable is not None and self.error is None:

@@ -259,6 +259,11 @@ class Channel(abc.ABC):
     async def drain(self) -> None:  # noqa: B027 - a no-op for brokers that never hold publishes back
         """Wait while this channel's publishes are held back by the broker (flow control)."""
 
+    @property
+    def held_back(self) -> bool:
+        """True while :meth:`drain` would wait: callers on the data path await it only then."""
+        return False
+
     def start_publish(
         self, exchange: str, routing_key: str, body: bytes, properties: MessageProperties
     ) -> asyncio.Future[None]:

@@ -15,6 +15,7 @@ import base64
 import dataclasses
 import datetime
 import enum
+import functools
 import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -413,6 +414,19 @@ def _stream_offset(value: str) -> object:
     )
 
 
+def _send_route(raw: str, topic_exchange: str) -> tuple[Destination, str, str]:
+    """A SEND destination parsed and checked, with the exchange and routing key it publishes to (raises
+    "Invalid destination")."""
+    destination = parse_destination(raw)
+    check_send_destination(destination)
+    return (destination, *routing_pair(destination, topic_exchange))
+
+
+#: The same for every SEND to a destination, so worked out once for the (short) destinations in use; a
+#: refused one is not kept and raises each time. At most 512 of at most 256 characters are kept.
+_cached_send_route = functools.lru_cache(maxsize=512)(_send_route)
+
+
 def _receipt(frame: Frame) -> Frame | None:
     receipt_id = frame.get("receipt")
     if receipt_id is None:
@@ -769,11 +783,12 @@ class Session:
             raise ProtocolError("Missing destination", "\"SEND\" must include a 'destination' header\n")
         if raw == TOKEN_DESTINATION and self.settings.tokens is not None:
             return self._refresh(frame)
-        destination = parse_destination(raw)
-        check_send_destination(destination)
+        route = _cached_send_route if len(raw) <= 256 else _send_route
+        destination, exchange, routing_key = route(raw, self.settings.topic_exchange)
         reply_to = frame.get("reply-to")
         temp_reply = reply_to is not None and reply_to.startswith("/temp-queue/")
-        self._check("SEND", raw, send_needs(destination, self.settings.topic_exchange, temp_reply=temp_reply))
+        if self.scopes is not None:
+            self._check("SEND", raw, send_needs(destination, self.settings.topic_exchange, temp_reply=temp_reply))
         temp_queue = None
         reply_subscription = None
         if reply_to is not None and reply_to.startswith("/temp-queue/"):
@@ -782,10 +797,11 @@ class Session:
             if reply_subscription is None:
                 reply_subscription = self._temp_queue(reply_to)
         properties = properties_from_send(frame.headers)
-        exchange, routing_key = routing_pair(destination, self.settings.topic_exchange)
-        declare = self._with_queue_type(send_declaration(destination, dict(self._first_headers(frame))))
-        if declare is not None and declare.exclusive:
-            self._exclusive_sends[declare.name] = None
+        declare = None
+        if destination.kind == QUEUE:
+            declare = self._with_queue_type(send_declaration(destination, dict(self._first_headers(frame))))
+            if declare is not None and declare.exclusive:
+                self._exclusive_sends[declare.name] = None
         return [
             Publish(
                 exchange,

@@ -571,6 +571,21 @@ class TestSend:
         )
         assert (publish.exchange, publish.routing_key) == ("stomp.t", "k")
 
+    def test_the_same_destination_routes_by_each_sessions_topic_exchange(self) -> None:
+        """The parsed route of a destination is kept (per topic exchange) for the next SEND to it."""
+        for _ in range(2):
+            assert send(connected(), {"destination": "/topic/k"}).exchange == "amq.topic"
+            configured = connected(settings=SessionSettings(topic_exchange="stomp.t"))
+            assert send(configured, {"destination": "/topic/k"}).exchange == "stomp.t"
+
+    @pytest.mark.parametrize(
+        ("destination", "refusal"), [("/temp-queue/t", "Invalid destination"), ("/bogus/" + "k" * 300, "Unknown destination")]
+    )
+    def test_a_refused_destination_is_refused_every_time(self, destination: str, refusal: str) -> None:
+        for _ in range(2):
+            message, _ = fails(connected(), Frame("SEND", (("destination", destination),), b""))
+            assert message == refusal
+
     def test_queue_declaration_headers(self) -> None:
         publish = send(
             connected(),
