@@ -189,6 +189,8 @@ class Retainer:
         self.literal: dict[str, list[_Group]] = {}
         self.wildcard: list[_Group] = []
         self.ready = False
+        #: the names of the feed's queues, newest last (one more each time the feed is lost and comes back)
+        self.queues: list[str] = []
         self._task: asyncio.Task[None] | None = None
         self._channel: Channel | None = None
 
@@ -228,6 +230,8 @@ class Retainer:
         delay = RETAIN_RETRY_SECONDS[0]
         while True:
             channel: Channel | None = None
+            queue: str | None = None
+            consuming = False
             try:
                 principal = await broker.authenticate(
                     settings.default_login, settings.default_passcode, settings.default_vhost
@@ -240,13 +244,16 @@ class Retainer:
                         closed.set_result(error)
 
                 channel.on_close = on_close
+                queue = f"stomp-retain-{self.registry.id}-{secrets.token_hex(4)}"
+                self.queues.append(queue)
                 queue = await channel.declare_queue(
-                    f"stomp-retain-{self.registry.id}-{secrets.token_hex(4)}",
+                    queue,
                     auto_delete=True,
                     arguments={"x-expires": QUEUE_EXPIRES_MS},
                 )
                 await channel.bind_queue(queue, self.exchange, "#")
                 await channel.consume(queue, self.deliver, no_ack=True)
+                consuming = True  # from here on the queue goes with its consumer (auto-delete)
                 self._channel = channel
                 self.ready = True
                 warned = False
@@ -254,6 +261,15 @@ class Retainer:
                 logger.info("retaining the newest message per routing key of exchange %r", self.exchange)
                 error = await closed
                 self._lost(error)
+            except asyncio.CancelledError:
+                # Stopped before its consumer started: the queue, bound to "#", would take every message of the
+                # exchange until it expires. Delete it (a consumed one goes with its consumer).
+                if channel is not None and not consuming:
+                    with contextlib.suppress(BrokerError):
+                        if queue is not None:
+                            await asyncio.shield(channel.delete_queue(queue))
+                        await asyncio.shield(channel.close())
+                raise
             except BrokerError as error:
                 if not warned:
                     logger.warning("--retain %s: not consuming it yet (%s); retrying", self.exchange, error.text)

@@ -15,9 +15,15 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from gateway.broker.amqp_connection import (
+    AmqpConnection,
+    ChannelClosedByBroker,
+    ConnectionParameters,
+    QueueDeclare,
+)
 from gateway.broker.base import Channel, MessageProperties
 from gateway.server import Gateway
-from tests.conftest import make_config
+from tests.conftest import AMQP_URL, make_config, rabbitmq_running
 from tests.stomp_client import StompClient, frame, open_ws
 
 RETAINED = "amq.topic"
@@ -635,3 +641,35 @@ async def test_a_client_that_answers_no_ping_still_times_out(gateway: Gateway) -
         assert 2.9 <= time.monotonic() - started < 6
     finally:
         writer.close()
+
+
+@pytest.mark.skipif(not rabbitmq_running(), reason="RabbitMQ is not running on 127.0.0.1:5672")
+async def test_a_gateway_stopped_before_its_feed_consumes_leaves_no_queue_behind() -> None:
+    """The retained feed's queue is bound to "#": one left behind by a gateway stopped between declaring and
+    consuming it would take every message of the exchange until it expires (60 s). Stopped at several
+    points of its start, the gateway leaves none."""
+    names: list[str] = []
+    for delay in (0, 0.001, 0.002, 0.004, 0.008, 0.016, 0.05):
+        gateway = Gateway(make_config("rabbitmq", retain=[RETAINED]))
+        await gateway.start()
+        await asyncio.sleep(delay)
+        retainer = gateway.registry.retainers[RETAINED]
+        await gateway.stop()
+        names += retainer.queues
+    assert names, "no feed got as far as declaring its queue"
+    connection = await AmqpConnection.connect(ConnectionParameters.from_url(AMQP_URL, heartbeat=0), timeout=10)
+    try:
+        for name in names:
+            deadline = asyncio.get_running_loop().time() + 5
+            while True:
+                channel = await connection.open_channel(connection.gate.take(connection.channels) or 0)
+                try:
+                    await channel.rpc(QueueDeclare(queue=name, passive=True))
+                except ChannelClosedByBroker as gone:
+                    assert "NOT_FOUND" in str(gone)
+                    break
+                await channel.close()
+                assert asyncio.get_running_loop().time() < deadline, f"{name} is still there"
+                await asyncio.sleep(0.1)
+    finally:
+        await connection.close()
