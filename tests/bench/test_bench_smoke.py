@@ -9,6 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from tests.conftest import rabbitmq_running
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -39,3 +43,17 @@ def test_bench_smoke_loses_nothing(tmp_path: Path) -> None:
                 assert metrics["published"] > 0, (scenario, metrics)
             if scenario == "fanout":
                 assert metrics["deliveries"] == metrics["published"] * metrics["subscribers"], metrics
+
+
+def test_amqp_pipe_reference_runs_against_rabbitmq() -> None:
+    """``python -m bench.amqp_pipe``: RabbitMQ's share of the pipe, measured on AMQP alone (counts, not speed)."""
+    if not rabbitmq_running():
+        pytest.skip("RabbitMQ is not running")
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.amqp_pipe", "--rounds", "1", "--duration", "0.5"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads(proc.stdout.split(": ", 1)[1])
+    assert result["messages_per_s"] > 0 and result["pairs"] == 4, result
+    assert result["rabbitmq_cpu_us_per_message"] is not None, result
