@@ -84,7 +84,8 @@ FANOUT_GROUPS = _gauge("fanout_groups", "Shared fan-out groups (one broker consu
 FANOUT_SUBSCRIBERS = _gauge("fanout_subscribers", "Subscriptions served by shared fan-out groups")
 DELIVERY_LATENCY = Histogram(
     "stomp_gateway_delivery_latency_seconds",
-    "From an AMQP delivery's arrival to its MESSAGE being written for the last subscriber",
+    "From an AMQP delivery's arrival to its MESSAGE being written for the last subscriber "
+    "(one delivery in eight of each shared subscription is timed)",
     buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
     registry=_REGISTRY,
 )

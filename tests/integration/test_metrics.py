@@ -9,6 +9,7 @@ import re
 
 import pytest
 
+from gateway.fanout import LATENCY_SAMPLE_MASK
 from gateway.server import Gateway
 from tests.conftest import AMQP_URL, rabbitmq_running
 from tests.integration.test_process import free_port, run_gateway, wait_for_port
@@ -84,7 +85,8 @@ async def test_metrics_under_traffic(
     assert after['stomp_gateway_sessions{state="connected",version="1.2"}'] >= 2
     assert after['stomp_gateway_connections{transport="websocket"}'] >= 2  # the publisher's ERROR closed it
     assert after["stomp_gateway_fanout_groups"] >= 1 and after["stomp_gateway_fanout_subscribers"] >= 2
-    assert delta(after, before, "stomp_gateway_delivery_latency_seconds_count") == 10
+    # one delivery in eight of a shared subscription is timed: the 8th of these 10
+    assert delta(after, before, "stomp_gateway_delivery_latency_seconds_count") == 10 // (LATENCY_SAMPLE_MASK + 1)
     assert after["stomp_gateway_broker_up"] == 1
     if backend == "rabbitmq":
         assert after["stomp_gateway_amqp_connections"] >= 1 and after["stomp_gateway_amqp_channels"] >= 1
