@@ -76,10 +76,12 @@ up-cluster:
 	docker compose -f docker-compose.cluster.yml up --build
 
 # Every scenario against one gateway process, then the two throughput scenarios with --workers 2
-# (one process per core, SO_REUSEPORT), each side by side with RabbitMQ's Web-STOMP (bench/RESULTS.md).
+# (one process per core, SO_REUSEPORT), each side by side with RabbitMQ's Web-STOMP (bench/RESULTS.md);
+# then the pipe on AMQP alone: RabbitMQ's own CPU per relayed message, whoever is in front of it.
 bench: $(STAMP) services
 	$(PY) -m bench $(BENCH_ARGS)
 	$(PY) -m bench --scenarios pipe,fanout --gateway-arg=--workers=2 --profile none $(BENCH_ARGS)
+	$(PY) -m bench.amqp_pipe
 	$(PY) -m bench.cluster $(BENCH_CLUSTER_ARGS)
 
 # fan-out through one gateway, then two behind HAProxy, on a private 3-node RabbitMQ cluster
