@@ -383,8 +383,9 @@ class FanoutHub:
         pool); it is auto-delete, so it goes with its consumer, and expires if no consumer ever comes."""
         channel = await self.broker.open_channel(self.principal)
         try:
+            group.queue = f"stomp-fanout-{self.id}-{next(self.counter)}-{secrets.token_hex(4)}"
             group.queue = await channel.declare_queue(
-                f"stomp-fanout-{self.id}-{next(self.counter)}-{secrets.token_hex(4)}",
+                group.queue,
                 auto_delete=True,
                 arguments={"x-expires": QUEUE_EXPIRES_MS},
             )
@@ -415,6 +416,10 @@ class FanoutHub:
                 if not group.ready.done():
                     group.ready.set_exception(error)
                     group.ready.exception()
+                if group.queue and not group.consumer_tag:
+                    # Declared and bound, never consumed (refused, or the session went meanwhile): it would take
+                    # its messages until it expires (QUEUE_EXPIRES_MS).
+                    await asyncio.shield(self._discard(group.queue))
                 raise
             group.ready.set_result(None)
             metrics.FANOUT_GROUPS.inc()
@@ -427,6 +432,15 @@ class FanoutHub:
             group.linger = None
         metrics.FANOUT_SUBSCRIBERS.inc()
         return group.join(sink, request)
+
+    async def _discard(self, queue: str) -> None:
+        """Delete ``queue`` if it is there (best effort: a broker that is gone took it with it, or expires it)."""
+        with contextlib.suppress(BrokerError):
+            channel = await self.broker.open_channel(self.principal)
+            try:
+                await channel.delete_queue(queue)
+            finally:
+                await channel.close()
 
     async def _create(self, group: _Group) -> None:
         await self._declare_and_bind(group)

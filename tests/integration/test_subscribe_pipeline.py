@@ -8,7 +8,9 @@ import time
 
 import pytest
 
-from gateway.broker.base import Channel, MessageProperties
+from gateway.broker.base import BrokerError, Channel, MessageProperties
+from gateway.fanout import Sink
+from gateway.server import Gateway
 from tests.stomp_client import StompClient, frame
 
 
@@ -111,3 +113,43 @@ async def test_no_message_before_its_subscribes_receipt(
         await publisher
         for i in range(len(topics)):
             await backdoor.delete_queue(f"order-{unique}-{i}")
+
+
+async def test_a_shared_subscription_abandoned_before_its_consumer_started_leaves_no_queue(
+    gateway: Gateway, unique: str
+) -> None:
+    """A shared group's queue is declared and bound before its consumer starts. A SUBSCRIBE abandoned in between
+    (the session went, the consume was refused) must not leave the queue taking its messages until it expires:
+    attached and cancelled at several points of its start, no group leaves a queue behind."""
+    principal = await gateway.broker.authenticate("guest", "guest", "/")
+    hub = gateway.registry.hub_for(principal)
+    names: list[str] = []
+    for i, delay in enumerate((0, 0.0005, 0.001, 0.002, 0.004, 0.008, 0.016)):
+        key = f"abandoned.{unique}.{i}"
+        sink = Sink(lambda template: None, lambda error: None)
+        task = asyncio.ensure_future(hub.attach("amq.topic", key, sink))
+        await asyncio.sleep(delay)
+        group = hub.groups.get(("amq.topic", key))
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+        else:  # it finished first: the last one out takes the queue with it
+            await hub.detach(sink)
+        if group is not None and group.queue:
+            names.append(group.queue)
+    assert names, "no group got as far as naming its queue"
+    for name in names:
+        deadline = time.monotonic() + 5
+        while True:
+            channel = await gateway.broker.open_channel(principal)
+            try:
+                await channel.declare_queue(name, passive=True)
+            except BrokerError as gone:
+                assert gone.code == 404, gone
+                break
+            finally:
+                await channel.close()
+            assert time.monotonic() < deadline, f"{name} is still there"
+            await asyncio.sleep(0.1)
