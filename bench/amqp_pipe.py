@@ -61,7 +61,9 @@ async def run(url: str, pairs: int, window: int, seconds: float, body_size: int)
             while loop.time() < end:
                 free = window - (sent - received[i])
                 if free > 0:
-                    frame = encode_publish(publisher.number, "amq.topic", key, props, body, 2**20, 2**20)
+                    frame = encode_publish(
+                        publisher.number, "amq.topic", key, props, body, publisher.max_content, publisher.max_content
+                    )
                     publisher.publish(frame * free)
                     sent += free
                 while sent - received[i] > window // 2 and loop.time() < end:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import contextlib
 import itertools
 import logging
@@ -194,8 +195,8 @@ class Retainer:
         self.literal: dict[str, list[_Group]] = {}
         self.wildcard: list[_Group] = []
         self.ready = False
-        #: the names of the feed's queues, newest last (one more each time the feed is lost and comes back)
-        self.queues: list[str] = []
+        #: the names of the feed's latest queues, newest last (one more each time the feed is lost and comes back)
+        self.queues: collections.deque[str] = collections.deque(maxlen=8)
         self._task: asyncio.Task[None] | None = None
         self._channel: Channel | None = None
 
@@ -281,6 +282,13 @@ class Retainer:
                     warned = True
                 if channel is not None:
                     await channel.close()
+                if queue is not None and not consuming:  # bound, perhaps, and refused to us: not left to expire
+                    with contextlib.suppress(BrokerError):
+                        cleaner = await broker.open_channel(principal, f"retain-{self.exchange}")
+                        try:
+                            await cleaner.delete_queue(queue)
+                        finally:
+                            await cleaner.close()
             await asyncio.sleep(delay)
             delay = min(delay * 2, RETAIN_RETRY_SECONDS[1])
 

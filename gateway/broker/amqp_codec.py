@@ -47,6 +47,8 @@ _FRAME = struct.Struct(">BHI")
 _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
+#: 10000-01-01T00:00:00Z: the first timestamp (seconds) the gateway does not publish
+MAX_TIMESTAMP = 253_402_300_800
 _HEADER_START = struct.Struct(">HHQH")  # class, weight, body size, property flags
 _PUBLISH_START = b"\x00\x3c\x00\x28\x00\x00"  # class 60, method 40 (publish), ticket 0
 
@@ -152,8 +154,9 @@ def encode_properties(props: MessageProperties) -> tuple[int, bytes]:
         flags |= _MESSAGE_ID
         out.append(_short(props.message_id))
     if props.timestamp is not None:
-        if not isinstance(props.timestamp, int) or not 0 <= props.timestamp < 2**64:
-            raise ValueError(f"timestamp must be 0 to 2^64-1 seconds, got {props.timestamp!r}")
+        if not isinstance(props.timestamp, int) or not 0 <= props.timestamp < MAX_TIMESTAMP:
+            # Beyond the year 9999 most AMQP clients (pamqp among them) cannot read the message back.
+            raise ValueError(f"timestamp must be 0 to {MAX_TIMESTAMP - 1} seconds, got {props.timestamp!r}")
         flags |= _TIMESTAMP
         out.append(_U64.pack(props.timestamp))
     if props.type:
@@ -292,7 +295,10 @@ def properties_from_pamqp(props: Any) -> MessageProperties:
 
 def _timestamp(value: int) -> int:
     if value > 0xFFFFFFFF:  # as pamqp reads it: past the year 2106 it is taken for milliseconds
-        return int(datetime.datetime.fromtimestamp(value / 1000.0, tz=datetime.UTC).timestamp())
+        try:
+            return int(datetime.datetime.fromtimestamp(value / 1000.0, tz=datetime.UTC).timestamp())
+        except (ValueError, OverflowError, OSError):  # past the year 9999 even so: pamqp fails, the gateway reads on
+            return value // 1000
     return value
 
 

@@ -187,6 +187,7 @@ def test_a_millisecond_timestamp_reads_as_pamqp_reads_it() -> None:
         (MessageProperties(priority=-1), ValueError),
         (MessageProperties(timestamp=-1), ValueError),
         (MessageProperties(timestamp=2**64), ValueError),
+        (MessageProperties(timestamp=253_402_300_800), ValueError),  # the year 10000: as before, refused
         (MessageProperties(content_type="x" * 256), ValueError),
         (MessageProperties(message_id="é" * 128), ValueError),  # 256 octets of UTF-8
         (MessageProperties(headers={"k": object()}), TypeError),
@@ -232,3 +233,14 @@ def test_a_content_header_it_cannot_read_raises(payload: bytes) -> None:
     with pytest.raises((ValueError, IndexError, struct.error)):
         decode_content_header(payload)
 
+
+
+@pytest.mark.parametrize("stamp", [253_402_300_800_000, 2**63, 2**64 - 1])
+def test_a_timestamp_past_the_year_9999_from_another_publisher_does_not_stop_the_reader(stamp: int) -> None:
+    """pamqp cannot read these (its datetime overflows); the gateway reads them as milliseconds, never raising,
+    so one such message cannot end a shared AMQP connection."""
+    payload = b"\x00\x3c\x00\x00" + bytes(8) + (1 << 6).to_bytes(2, "big") + stamp.to_bytes(8, "big")
+    _, props = decode_content_header(payload)
+    assert props.timestamp == stamp // 1000
+    with pytest.raises(Exception):  # noqa: B017 - whatever pamqp raises: the reason for the fallback
+        pamqp.frame.unmarshal(b"\x02\x00\x01" + len(payload).to_bytes(4, "big") + payload + b"\xce")
