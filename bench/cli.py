@@ -22,6 +22,7 @@ from bench.procs import (
     comm,
     ensure_web_stomp,
     machine_info,
+    open_files_limit,
     pid_listening_on,
     rabbitmq_socket_headroom,
 )
@@ -125,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--pipe-destination", choices=("topic", "queue"), default="topic", help="pipe: /topic or /queue")
     f.add_argument("--rate", type=float, default=200.0, help="rate: messages per second")
     f.add_argument("--rate-subscribers", type=int, default=200, help="rate: subscribers")
-    f.add_argument("--connections", type=int, default=10_000, help="connections: idle subscribed connections")
+    f.add_argument("--connections", type=int, default=50_000,
+                   help="connections: idle subscribed connections (capped by the server's open-files limit)")
     f.add_argument("--connect-concurrency", type=int, default=100, help="connections: handshakes in progress")
     f.add_argument("--broadcasts", type=int, default=3, help="connections: broadcasts timed")
     s.add_argument("--start-delay", type=float, default=0.3, help="seconds from arming a round to its first message")
@@ -248,6 +250,14 @@ class Bench:
             a = Target("A", name, args.url, server_pid=pid, broker_pid=rabbit_pid)
             if pid is None:
                 a.notes.append("server PID unknown: no server CPU/RSS figures")
+        if a.server_pid is not None:
+            files = open_files_limit(a.server_pid)
+            if files is not None and files - FILES_KEPT < args.connections:
+                a.max_connections = files - FILES_KEPT
+                a.max_connections_reason = (
+                    f"the server process may open {files} files (its RLIMIT_NOFILE, which this machine does not let "
+                    "the bench raise further)"
+                )
         self.targets.append(a)
         if args.compare:
             port = _port(args.compare)
@@ -582,6 +592,11 @@ class Bench:
             other.close()
         if self.gateway is not None:
             self.gateway.stop()
+
+
+#: files left free under the server's open-files limit (its listeners, AMQP connections and logs, and the
+#: generator, whose process has the same limit): the connections scenario's cap is the limit less these
+FILES_KEPT = 1000
 
 
 def _gateway_workers(gateway_args: list[str]) -> int:

@@ -50,6 +50,19 @@ def cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+def open_files_limit(pid: int) -> int | None:
+    """The soft RLIMIT_NOFILE of ``pid`` (``/proc/PID/limits``), None if unknown or unlimited."""
+    try:
+        with open(f"/proc/{pid}/limits") as f:
+            for line in f:
+                if line.startswith("Max open files"):
+                    soft = line.split()[3]
+                    return int(soft) if soft.isdigit() else None
+    except OSError:
+        return None
+    return None
+
+
 def rss_kib(pid: int) -> int | None:
     try:
         with open(f"/proc/{pid}/status") as f:

@@ -58,6 +58,8 @@ class Target:
     broker_pid: int | None = None
     gateway: GatewayProcess | None = None
     max_connections: int | None = None
+    #: why ``max_connections`` (RabbitMQ's socket limit, the server process's open-files limit)
+    max_connections_reason: str = "RabbitMQ's socket limit"
     notes: list[str] = field(default_factory=list)
 
     def describe(self) -> str:
@@ -322,7 +324,7 @@ def run_connections(pool: Pool, target: Target, opts: Options, tag: str) -> dict
     n = opts.connections
     notes: list[str] = []
     if target.max_connections is not None and n > target.max_connections:
-        notes.append(f"capped at {target.max_connections} connections (asked {n}): RabbitMQ's socket limit")
+        notes.append(f"capped at {target.max_connections} connections (asked {n}): {target.max_connections_reason}")
         n = target.max_connections
     if target.gateway is not None and opts.restart_gateway:
         target.gateway.restart()  # a fresh process, so earlier scenarios' heap does not hide the growth
