@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import shutil
 import socket
+import subprocess
 import time
 from collections.abc import AsyncIterator
 
@@ -657,6 +660,39 @@ async def test_a_gateway_stopped_before_its_feed_consumes_leaves_no_queue_behind
         await gateway.stop()
         names += retainer.queues
     assert names, "no feed got as far as declaring its queue"
+    await _all_gone(names)
+
+
+def _rabbitmqctl(*args: str) -> None:
+    subprocess.run(["rabbitmqctl", *args], check=True, capture_output=True, timeout=60)
+
+
+@pytest.mark.skipif(
+    not rabbitmq_running() or shutil.which("rabbitmqctl") is None or os.geteuid() != 0,
+    reason="needs RabbitMQ on 127.0.0.1:5672 and rabbitmqctl as root (a user with limited permissions)",
+)
+async def test_a_feed_refused_its_consume_leaves_no_queue_behind(unique: str) -> None:
+    """The feed's user may declare and bind its queue but not read from it: each attempt's queue, bound to "#",
+    is deleted when the consume is refused, not left to take the exchange's messages for 60 s."""
+    user = f"feed-{unique}"
+    _rabbitmqctl("add_user", user, user)
+    try:
+        _rabbitmqctl("set_permissions", "-p", "/", user, ".*", ".*", r"^amq\.topic$")  # read: the exchange only
+        gateway = Gateway(make_config("rabbitmq", retain=[RETAINED], default_login=user, default_passcode=user))
+        await gateway.start()
+        try:
+            retainer = gateway.registry.retainers[RETAINED]
+            await until(lambda: len(retainer.queues) >= 2, timeout=10)  # refused, and tried again
+            assert not retainer.ready
+        finally:
+            await gateway.stop()
+        names = list(retainer.queues)
+    finally:
+        _rabbitmqctl("delete_user", user)
+    await _all_gone(names)
+
+
+async def _all_gone(names: list[str]) -> None:
     connection = await AmqpConnection.connect(ConnectionParameters.from_url(AMQP_URL, heartbeat=0), timeout=10)
     try:
         for name in names:
