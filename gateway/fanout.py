@@ -82,6 +82,17 @@ def _delivery_size(delivery: Delivery) -> int:
     return len(delivery.body) + len(delivery.routing_key) + sum(len(str(k)) + len(str(v)) for k, v in table.items())
 
 
+async def _discard_queue(broker: Broker, principal: Any, queue: str) -> None:
+    """Delete ``queue`` on a channel of its own, if it is there (best effort: a broker that is gone took it
+    with it, or expires it)."""
+    with contextlib.suppress(BrokerError):
+        channel = await broker.open_channel(principal)
+        try:
+            await channel.delete_queue(queue)
+        finally:
+            await channel.close()
+
+
 class Sink:
     """A session's end of a shared subscription."""
 
@@ -267,28 +278,19 @@ class Retainer:
                 logger.info("retaining the newest message per routing key of exchange %r", self.exchange)
                 error = await closed
                 self._lost(error)
-            except asyncio.CancelledError:
-                # Stopped before its consumer started: the queue, bound to "#", would take every message of the
-                # exchange until it expires. Delete it (a consumed one goes with its consumer).
-                if channel is not None and not consuming:
+            except (asyncio.CancelledError, BrokerError) as error:
+                if channel is not None:
                     with contextlib.suppress(BrokerError):
-                        if queue is not None:
-                            await asyncio.shield(channel.delete_queue(queue))
                         await asyncio.shield(channel.close())
-                raise
-            except BrokerError as error:
+                if queue is not None and not consuming:
+                    # Stopped or refused before its consumer started: the queue, bound to "#", would take every
+                    # message of the exchange until it expires (a consumed one goes with its consumer).
+                    await asyncio.shield(_discard_queue(broker, principal, queue))
+                if isinstance(error, asyncio.CancelledError):
+                    raise
                 if not warned:
                     logger.warning("--retain %s: not consuming it yet (%s); retrying", self.exchange, error.text)
                     warned = True
-                if channel is not None:
-                    await channel.close()
-                if queue is not None and not consuming:  # bound, perhaps, and refused to us: not left to expire
-                    with contextlib.suppress(BrokerError):
-                        cleaner = await broker.open_channel(principal, f"retain-{self.exchange}")
-                        try:
-                            await cleaner.delete_queue(queue)
-                        finally:
-                            await cleaner.close()
             await asyncio.sleep(delay)
             delay = min(delay * 2, RETAIN_RETRY_SECONDS[1])
 
@@ -427,7 +429,7 @@ class FanoutHub:
                 if group.queue and not group.consumer_tag:
                     # Declared and bound, never consumed (refused, or the session went meanwhile): it would take
                     # its messages until it expires (QUEUE_EXPIRES_MS).
-                    await asyncio.shield(self._discard(group.queue))
+                    await asyncio.shield(_discard_queue(self.broker, self.principal, group.queue))
                 raise
             group.ready.set_result(None)
             metrics.FANOUT_GROUPS.inc()
@@ -440,15 +442,6 @@ class FanoutHub:
             group.linger = None
         metrics.FANOUT_SUBSCRIBERS.inc()
         return group.join(sink, request)
-
-    async def _discard(self, queue: str) -> None:
-        """Delete ``queue`` if it is there (best effort: a broker that is gone took it with it, or expires it)."""
-        with contextlib.suppress(BrokerError):
-            channel = await self.broker.open_channel(self.principal)
-            try:
-                await channel.delete_queue(queue)
-            finally:
-                await channel.close()
 
     async def _create(self, group: _Group) -> None:
         await self._declare_and_bind(group)

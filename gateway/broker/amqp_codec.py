@@ -171,6 +171,10 @@ def encode_properties(props: MessageProperties) -> tuple[int, bytes]:
     return flags, b"".join(out)
 
 
+class HeaderTooLarge(ValueError):
+    """A content header larger than one frame may carry; ``args[0]`` is its payload size."""
+
+
 def encode_publish(
     channel: int,
     exchange: str,
@@ -209,10 +213,6 @@ def encode_publish(
             part = body[i : i + max_content]
             frames += (_FRAME.pack(FRAME_BODY, channel, len(part)), part, FRAME_END)
     return b"".join(frames)
-
-
-class HeaderTooLarge(ValueError):
-    """A content header larger than one frame may carry; ``args[0]`` is its payload size."""
 
 
 # --- decoding ---------------------------------------------------------------------------------------------

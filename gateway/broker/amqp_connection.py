@@ -431,25 +431,25 @@ class AmqpConnection(asyncio.Protocol):
                 need = end - pos
                 break
             kind = buffer[pos]
-            if kind == _FRAME_BODY and buffer[end - 1] == _FRAME_END:
-                # A content body frame's payload is the body part itself: nothing to decode.
+            if buffer[end - 1] == _FRAME_END and (
+                kind in (_FRAME_BODY, _FRAME_HEADER)
+                or (kind == _FRAME_METHOD and buffer[pos + 7 : pos + 11] == DELIVER_ID)
+            ):
+                # A delivery's method, content header and body parts: read here, without pamqp (a body part is
+                # the payload itself; amqp_codec for the others), unless they are not what they seem; then pamqp
+                # reads (and reports) them below.
                 ch = self.channels.get(int.from_bytes(buffer[pos + 1 : pos + 3], "big"))
-                if ch is not None:
-                    ch.body_received(bytes(buffer[pos + 7 : end - 1]))
-                pos = end
-                continue
-            delivery = kind == _FRAME_HEADER or (kind == _FRAME_METHOD and buffer[pos + 7 : pos + 11] == DELIVER_ID)
-            if delivery and buffer[end - 1] == _FRAME_END:
-                # A delivery's method and content header: read here, without pamqp (amqp_codec), unless
-                # they are not what they seem; then pamqp reads (and reports) them below.
-                ch = self.channels.get(int.from_bytes(buffer[pos + 1 : pos + 3], "big"))
+                payload = bytes(buffer[pos + 7 : end - 1])
                 try:
-                    if kind == _FRAME_HEADER:
-                        body_size, properties = decode_content_header(bytes(buffer[pos + 7 : end - 1]))
+                    if kind == _FRAME_BODY:
+                        if ch is not None:
+                            ch.body_received(payload)
+                    elif kind == _FRAME_HEADER:
+                        body_size, properties = decode_content_header(payload)
                         if ch is not None:
                             ch.header_received(body_size, properties)
                     else:
-                        deliver = decode_deliver(bytes(buffer[pos + 7 : end - 1]))
+                        deliver = decode_deliver(payload)
                         if ch is not None:
                             ch.deliver_received(deliver)
                 except (ValueError, IndexError, struct.error):
