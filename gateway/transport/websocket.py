@@ -36,7 +36,12 @@ from gateway.connection import Backlog, Handshake, StompConnection, Transport
 from gateway.metrics import TALLY
 from gateway.proxy import ProxyHeaderError, is_proxy_header, parse_proxy_header
 from gateway.transport.http import HttpResponder
-from gateway.transport.websocket_frames import MessageSizeGuard, websocket_frame
+from gateway.transport.websocket_frames import (
+    FRAME_FOR_WEBSOCKETS,
+    ClientFrameReader,
+    MessageSizeGuard,
+    websocket_frame,
+)
 
 __all__ = [
     "SUBPROTOCOLS",
@@ -71,6 +76,7 @@ _OPEN = State.OPEN
 _TEXT = Opcode.TEXT
 _BINARY = Opcode.BINARY
 _CONT = Opcode.CONT
+_TEXT_KIND = int(Opcode.TEXT)
 
 
 def select_subprotocol(protocol: ServerProtocol, offered: Sequence[Subprotocol]) -> Subprotocol | None:
@@ -281,7 +287,7 @@ class WebSocketProtocol(asyncio.Protocol):
     # Slots: a gateway holds tens of thousands of these.
     __slots__ = (
         "_drain_waiters", "_failed", "_fragments", "_fragments_text", "_guard", "_message_waiter", "_messages",
-        "_proxied", "_proxy_bytes", "_reading_paused", "_request_bytes", "_timer", "_writing_paused",
+        "_proxied", "_proxy_bytes", "_reader", "_reading_paused", "_request_bytes", "_timer", "_writing_paused",
         "connection", "handshake", "heard", "loop", "lost", "server", "stomp", "transport", "ws",
     )
 
@@ -302,6 +308,8 @@ class WebSocketProtocol(asyncio.Protocol):
         self.lost: asyncio.Future[None] = self.loop.create_future()
         self._request_bytes: bytearray | None = bytearray()  # until the request is parsed
         self._guard: MessageSizeGuard | None = None
+        #: reads the common client frames itself once the connection is upgraded (None: websockets reads all)
+        self._reader: ClientFrameReader | None = None
         self._failed = False
         self._fragments: list[bytes] | None = None
         self._fragments_text = False
@@ -350,6 +358,23 @@ class WebSocketProtocol(asyncio.Protocol):
                 self._too_large(too_large, guard.limit)
                 return
         ws = self.ws
+        reader = self._reader
+        if reader is not None:
+            if ws.state is not _OPEN:
+                reader.fast = False
+            reader.receive_data(data)
+            while (item := reader.next_frame()) is not None:
+                kind, payload = item
+                if kind != FRAME_FOR_WEBSOCKETS:
+                    self._message(kind == _TEXT_KIND, payload)
+                    continue
+                ws.receive_data(payload)
+                for frame in cast(list[Frame], ws.events_received()):
+                    self._frame(frame)
+                if ws.state is not _OPEN:
+                    reader.fast = False
+            self.send_data()
+            return
         if self._request_bytes is not None:
             self._request_bytes += data
         ws.receive_data(data)
@@ -510,6 +535,16 @@ class WebSocketProtocol(asyncio.Protocol):
             if too_large is not None:
                 self._too_large(too_large, guard.limit)
                 return []
+        if self.stomp is not None and self.stomp.raw:
+            # Without extensions the common frames are read here from now on, provided websockets' parser
+            # stands between frames (a client that sent part of a frame behind its request keeps websockets).
+            reader = ClientFrameReader(self.server.max_message_size)
+            reader.fast = False
+            reader.receive_data(rest)
+            while reader.next_frame() is not None:
+                pass
+            if reader.at_frame_boundary():
+                self._reader = ClientFrameReader(self.server.max_message_size)
         return events[1:]
 
     def _respond(self, request: Request) -> Response:

@@ -76,6 +76,26 @@ class TestHandshake:
         finally:
             writer.close()
 
+    @pytest.mark.parametrize("cut", [0, 1, 2, 5, 30], ids=["whole", "1-byte", "before-mask", "header", "payload"])
+    async def test_a_frame_cut_anywhere_behind_the_request_is_read_whole(self, gateway: Gateway, cut: int) -> None:
+        """The adapter reads the common frames itself once websockets' parser stands between frames; a frame
+        begun behind the request and finished in a later write must still come out whole, and so must the
+        frames after it. The masking key looks like the start of a frame (final, text, masked, empty), so
+        that reading the rest of the cut frame as a new one could not go unnoticed."""
+        mask = b"\x81\x80\x00\x00"
+        connect = bytes((0x81, 0x80 | len(CONNECT))) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(CONNECT))
+        send = client_frame(Opcode.TEXT, b"SUBSCRIBE\ndestination:/topic/cut\nid:0\nreceipt:r\n\n\x00")
+        behind, later = (connect, send) if cut == 0 else (connect[:cut], connect[cut:] + send)
+        reader, writer, _ = await upgraded(port_of(gateway), behind)
+        try:
+            await asyncio.sleep(0.05)
+            writer.write(later)
+            await read_connected(reader)
+            opcode, receipt = await read_server_frame(reader)
+            assert opcode == 0x1 and receipt.startswith(b"RECEIPT\nreceipt-id:r\n"), receipt
+        finally:
+            writer.close()
+
     async def test_a_huge_frame_right_behind_the_request_is_refused(self, gateway: Gateway) -> None:
         huge = bytes((0x81, 0x80 | 127)) + (2**20).to_bytes(8, "big") + os.urandom(4)  # a 1 MiB frame's header
         reader, writer, _ = await upgraded(port_of(gateway), huge)
