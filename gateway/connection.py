@@ -357,7 +357,16 @@ class StompConnection:
                 TALLY.frames_received[frame.command] += 1
                 if self.debug:
                     logger.debug("%s > %s %s", self.peer, frame.command, frame.headers)
-                await self._run(session.receive_frame(frame))
+                actions = session.receive_frame(frame)
+                if len(actions) == 1 and not self._subscribing:
+                    # The common SEND, handed over without the two awaits of _run and _publish.
+                    action = actions[0]
+                    if type(action) is Publish and self._publish_now(action):
+                        channel = self._channel
+                        if channel is not None and channel.held_back:
+                            await channel.drain()
+                        continue
+                await self._run(actions)
         except Exception:
             logger.exception("session %s failed", session.id)
             await self._run(session.internal_error())
@@ -586,37 +595,55 @@ class StompConnection:
 
     # -- SEND -------------------------------------------------------------------------------------------
 
-    async def _publish(self, action: Publish) -> None:
-        confirm = action.receipt is not None or action.confirm
+    def _publish_now(self, action: Publish) -> bool:
+        """The common SEND, with nothing to prepare (channel open, queue declared, confirms as needed): hand
+        it over now, without an await, and return True; False when :meth:`_publish` must prepare it."""
         channel = self._channel
         if (
-            channel is not None
-            and channel.is_open
-            and (self._confirming or not confirm)
-            and action.temp_queue is None
-            and (action.declare is None or action.declare.name in self._declared)
-        ):  # the common case, nothing to prepare: no await before the message is handed over
-            future = channel.start_publish(action.exchange, action.routing_key, action.body, action.properties)
-        else:
-            try:
-                channel = await self._own_channel()
-                future = await self._hand_over(channel, action, confirm)
-            except BrokerError as error:
-                if not self._moving_on(error):
-                    await self._fail(error, action.receipt)
-                    return
-                future = self.loop.create_future()  # the connection went under it: again on the next node
-                self._retry_publish(action, future)
-                channel = None
-        if channel is not None and self._confirming and not future.done():
+            channel is None
+            or not channel.is_open
+            or not (self._confirming or (action.receipt is None and not action.confirm))
+            or action.temp_queue is not None
+            or (action.declare is not None and action.declare.name not in self._declared)
+        ):
+            return False
+        future = channel.start_publish(action.exchange, action.routing_key, action.body, action.properties)
+        self._published(channel, action, future)
+        return True
+
+    async def _publish(self, action: Publish) -> None:
+        if self._publish_now(action):
+            channel = self._channel
+            if channel is not None and channel.held_back:
+                await channel.drain()
+            return
+        confirm = action.receipt is not None or action.confirm
+        try:
+            channel = await self._own_channel()
+            future = await self._hand_over(channel, action, confirm)
+        except BrokerError as error:
+            if not self._moving_on(error):
+                await self._fail(error, action.receipt)
+                return
+            future = self.loop.create_future()  # the connection went under it: again on the next node
+            self._retry_publish(action, future)
+            TALLY.messages_published += 1
+            self._pending[future] = None
+            future.add_done_callback(lambda f: self._confirmed(f, action.receipt))
+            return
+        self._published(channel, action, future)
+        if channel.held_back:
+            await channel.drain()
+
+    def _published(self, channel: Channel, action: Publish, future: asyncio.Future[None]) -> None:
+        """Bookkeeping of a publish handed to ``channel``: a confirm or a RECEIPT to wait for, or a refusal
+        to report."""
+        if self._confirming and not future.done():
             future = self._settled_or_retried(future, action)
         TALLY.messages_published += 1
         if not (action.receipt is None and future.done() and not future.cancelled() and future.exception() is None):
-            # a confirm or a RECEIPT to wait for, or a refusal to report
             self._pending[future] = None
             future.add_done_callback(lambda f: self._confirmed(f, action.receipt))
-        if channel is not None and channel.held_back:
-            await channel.drain()
 
     async def _hand_over(self, channel: Channel, action: Publish, confirm: bool) -> asyncio.Future[None]:
         """Declare what the publish needs (once per channel), then publish; the future resolves at the

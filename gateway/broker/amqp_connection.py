@@ -413,34 +413,49 @@ class AmqpConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._received = True
+        # Frames are read from bytes: ``data`` itself when no frame was left unfinished (the common case),
+        # else the unfinished part joined with it once it can be complete. A frame's payload is then one
+        # slice (one copy), and what is left unfinished goes back into the buffer.
         buffer = self._buffer
-        buffer += data
-        if len(buffer) < self._need:
-            return  # a frame still arriving: parse it once, when complete
+        if buffer or len(data) < self._need:
+            buffer += data
+            if len(buffer) < self._need:
+                return  # a frame still arriving: parse it once, when complete
+            data = bytes(buffer)
+            buffer.clear()
         if not self._started:
-            if buffer[:4] == b"AMQP":  # the broker's protocol header: it speaks another version
+            if data[:4] == b"AMQP":  # the broker's protocol header: it speaks another version
                 self._end(ConnectionLost("RabbitMQ does not accept AMQP 0-9-1 (it answered with its protocol header)"))
                 return
             self._started = True
-        end_of_data = len(buffer)
+        end_of_data = len(data)
         pos = 0
         need = 8
         while end_of_data - pos >= 8:  # type, channel, size (7 bytes) ... frame-end (1 byte)
-            end = pos + 8 + int.from_bytes(buffer[pos + 3 : pos + 7], "big")
+            end = pos + 8 + int.from_bytes(data[pos + 3 : pos + 7], "big")
             if end > end_of_data:
                 need = end - pos
                 break
-            kind = buffer[pos]
-            if buffer[end - 1] == _FRAME_END and (
+            kind = data[pos]
+            if data[end - 1] == _FRAME_END and (
                 kind in (_FRAME_BODY, _FRAME_HEADER)
-                or (kind == _FRAME_METHOD and buffer[pos + 7 : pos + 11] == DELIVER_ID)
+                or (kind == _FRAME_METHOD and data[pos + 7 : pos + 11] == DELIVER_ID)
             ):
                 # A delivery's method, content header and body parts: read here, without pamqp (a body part is
                 # the payload itself; amqp_codec for the others), unless they are not what they seem; then pamqp
                 # reads (and reports) them below.
-                ch = self.channels.get(int.from_bytes(buffer[pos + 1 : pos + 3], "big"))
-                payload = bytes(buffer[pos + 7 : end - 1])
+                ch = self.channels.get(int.from_bytes(data[pos + 1 : pos + 3], "big"))
+                payload = data[pos + 7 : end - 1]
                 try:
+                    if kind == _FRAME_METHOD and ch is not None:
+                        whole = _whole_delivery(data, pos, end, end_of_data)
+                        if whole is not None:
+                            # The common delivery: its method, content header and one body frame all read,
+                            # handed to the consumer in one call.
+                            end, body_size, properties, body = whole
+                            ch.delivery_received(decode_deliver(payload), properties, body)
+                            pos = end
+                            continue
                     if kind == _FRAME_BODY:
                         if ch is not None:
                             ch.body_received(payload)
@@ -458,7 +473,7 @@ class AmqpConnection(asyncio.Protocol):
                     pos = end
                     continue
             try:
-                _, channel, frame = pamqp.frame.unmarshal(bytes(buffer[pos:end]))
+                _, channel, frame = pamqp.frame.unmarshal(data[pos:end])
             except pamqp.exceptions.PAMQPException as exc:
                 self._end(ConnectionLost(f"RabbitMQ sent a frame pamqp cannot read: {exc}"))
                 return
@@ -476,8 +491,8 @@ class AmqpConnection(asyncio.Protocol):
                 self._handshake_frame(frame)
             if self.error is not None:
                 return
-        if pos:
-            del buffer[:pos]
+        if pos < end_of_data:
+            buffer += memoryview(data)[pos:]
         self._need = need
 
     def _connection_frame(self, frame: Any) -> None:
@@ -611,6 +626,34 @@ class AmqpConnection(asyncio.Protocol):
 DeliveryCallback = Callable[[Deliver, MessageProperties, bytes], None]
 
 
+def _whole_delivery(
+    data: bytes, pos: int, end: int, end_of_data: int
+) -> tuple[int, int, MessageProperties, bytes] | None:
+    """For the ``basic.deliver`` method frame at ``data[pos:end]``: when its content header and its whole body
+    (no body, or one body frame) follow complete on the same channel, the end of the last of them, the body
+    size, the properties and the body; else None (the frames are then read one by one)."""
+    channel = data[pos + 1 : pos + 3]
+    if end_of_data - end < 8 or data[end] != _FRAME_HEADER or data[end + 1 : end + 3] != channel:
+        return None
+    header_end = end + 8 + int.from_bytes(data[end + 3 : end + 7], "big")
+    if header_end > end_of_data or data[header_end - 1] != _FRAME_END:
+        return None
+    body_size, properties = decode_content_header(data[end + 7 : header_end - 1])
+    if body_size == 0:
+        return header_end, 0, properties, b""
+    if (
+        end_of_data - header_end < 8
+        or data[header_end] != _FRAME_BODY
+        or data[header_end + 1 : header_end + 3] != channel
+        or int.from_bytes(data[header_end + 3 : header_end + 7], "big") != body_size
+    ):
+        return None
+    body_end = header_end + 8 + body_size
+    if body_end > end_of_data or data[body_end - 1] != _FRAME_END:
+        return None
+    return body_end, body_size, properties, data[header_end + 7 : body_end - 1]
+
+
 class _Content:
     """A delivery (or a returned message) whose content frames are still arriving."""
 
@@ -740,6 +783,16 @@ class WireChannel:
             if self._content is not None:  # content cut short (a protocol violation): forget it
                 self._content = None
             self._method_received(frame)
+
+    def delivery_received(self, deliver: Deliver, properties: MessageProperties, body: bytes) -> None:
+        """A whole delivery (method, content header and body read at once)."""
+        self._content = None
+        callback = self._consumers.get(deliver.consumer_tag)
+        if callback is not None and not self.closed and self._closing is None:
+            try:
+                callback(deliver, properties, body)
+            except Exception:  # one consumer's failure must not stop the connection's reader
+                logger.exception("delivery callback failed")
 
     def deliver_received(self, deliver: Deliver) -> None:
         """A ``basic.deliver``: its content frames follow."""

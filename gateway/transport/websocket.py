@@ -6,11 +6,11 @@ events out with ``events_received``, bytes to write from ``data_to_send``. The f
 request: ``/ws`` with an upgrade becomes a WebSocket connection and a :class:`StompConnection`; anything
 else is answered by :mod:`gateway.transport.http` (the page, ``/healthz``, ``/metrics``) and closed.
 
-Reading: complete messages queue up for the connection, whose ``receive_data`` is awaited one message at a
-time; reading pauses while more than :data:`READ_AHEAD_HIGH` messages wait. Writing
-(:class:`WebSocketTransport`): frames are written synchronously (no await per message); the first frame of
-a pass of the event loop goes out at once, later ones of the same pass in one write when the pass ends;
-:class:`StompConnection` watches the write buffer and disconnects a client that falls too far behind.
+Reading: complete messages queue up for the connection, whose ``receive_data`` is awaited with all the
+messages waiting at once; reading pauses while more than :data:`READ_AHEAD_HIGH` messages wait, until the
+connection takes them. Writing (:class:`WebSocketTransport`): frames are written synchronously (no await
+per message); the first frame of a pass of the event loop goes out at once, later ones of the same pass in
+one write when the pass ends; :class:`StompConnection` watches the write buffer and disconnects a client that falls too far behind.
 """
 
 from __future__ import annotations
@@ -62,9 +62,8 @@ WS_PATH = "/ws"
 MESSAGE_SLACK = 4096
 #: Bytes the kernel may leave unsent before :meth:`WebSocketTransport.drain` waits (it resumes at a quarter)
 WRITE_LIMIT = 2**16
-#: Complete messages read ahead of the connection before reading pauses; reading resumes at the low mark
+#: Complete messages read ahead of the connection before reading pauses (it resumes when they are taken)
 READ_AHEAD_HIGH = 16
-READ_AHEAD_LOW = 4
 #: Fragments one message may come in (websockets' own default for its message assembler)
 MAX_FRAGMENTS = 4096
 #: Seconds for a client to complete the opening handshake (after TLS), and to close the TCP connection
@@ -668,17 +667,29 @@ class WebSocketProtocol(asyncio.Protocol):
         try:
             while True:
                 while messages:
-                    text, data = messages.pop(0)
-                    if self._reading_paused and len(messages) <= READ_AHEAD_LOW and not self.lost.done():
+                    # Every message waiting goes to the connection in one call: STOMP frames may span
+                    # WebSocket messages anyway, so the joined bytes are the same stream (and a burst of
+                    # small messages costs one hand-over, not one per message).
+                    batch = messages[:]
+                    messages.clear()
+                    if self._reading_paused and not self.lost.done():
                         self._reading_paused = False
                         assert self.transport is not None
                         self.transport.resume_reading()
-                    if text:  # RFC 6455 §8.1: a text message that is not UTF-8 fails the connection with 1007
-                        error = _utf8_error(data)
-                        if error is not None:
-                            self._fail(CloseCode.INVALID_DATA, error)
+                    error = None
+                    for index, (text, data) in enumerate(batch):
+                        # RFC 6455 §8.1: a text message that is not UTF-8 fails the connection with 1007,
+                        # after the messages before it were handled.
+                        if text and (error := _utf8_error(data)) is not None:
+                            batch = batch[:index]
                             break
-                    await connection.receive_data(data)
+                    if batch:
+                        await connection.receive_data(
+                            batch[0][1] if len(batch) == 1 else b"".join(data for _, data in batch)
+                        )
+                    if error is not None:
+                        self._fail(CloseCode.INVALID_DATA, error)
+                        break
                 if self.lost.done():
                     break
                 waiter = self._message_waiter = self.loop.create_future()
