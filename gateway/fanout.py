@@ -32,7 +32,7 @@ import itertools
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -91,6 +91,18 @@ async def _discard_queue(broker: Broker, principal: Any, queue: str) -> None:
             await channel.delete_queue(queue)
         finally:
             await channel.close()
+
+
+async def _to_the_end(operation: Awaitable[None]) -> None:
+    """Await ``operation`` to its end even when the caller is cancelled meanwhile, then let the cancellation
+    through. (``asyncio.shield`` alone lets the caller end at once while the operation goes on: a gateway
+    stopping then closes the broker connection under a queue's deletion, and the queue stays behind.)"""
+    task = asyncio.ensure_future(operation)
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await asyncio.shield(task)
+        raise
 
 
 class Sink:
@@ -281,11 +293,11 @@ class Retainer:
             except (asyncio.CancelledError, BrokerError) as error:
                 if channel is not None:
                     with contextlib.suppress(BrokerError):
-                        await asyncio.shield(channel.close())
+                        await _to_the_end(channel.close())
                 if queue is not None and not consuming:
                     # Stopped or refused before its consumer started: the queue, bound to "#", would take every
                     # message of the exchange until it expires (a consumed one goes with its consumer).
-                    await asyncio.shield(_discard_queue(broker, principal, queue))
+                    await _to_the_end(_discard_queue(broker, principal, queue))
                 if isinstance(error, asyncio.CancelledError):
                     raise
                 if not warned:
@@ -429,7 +441,7 @@ class FanoutHub:
                 if group.queue and not group.consumer_tag:
                     # Declared and bound, never consumed (refused, or the session went meanwhile): it would take
                     # its messages until it expires (QUEUE_EXPIRES_MS).
-                    await asyncio.shield(_discard_queue(self.broker, self.principal, group.queue))
+                    await _to_the_end(_discard_queue(self.broker, self.principal, group.queue))
                 raise
             group.ready.set_result(None)
             metrics.FANOUT_GROUPS.inc()
