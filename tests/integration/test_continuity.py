@@ -346,6 +346,8 @@ async def test_a_restarted_gateway_has_a_new_epoch(backend: str, unique: str) ->
         c = await client_of(first)
         await subscribe(c, f"/topic/{unique}")
         await c.send(frame("SEND", "m1", destination=f"/topic/{unique}", receipt="p"))
+        # The RECEIPT follows RabbitMQ's publisher confirm, which may come before or after the delivery.
+        await c.receipt("p")
         position = (await c.receive_command("MESSAGE")).get("x-recovery-position") or ""
         await c.close()
     finally:
